@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` (main job) and `make test` (tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= runs/demo
+
+.PHONY: install demo test lint clean
+
+$(BIN)/gipo: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned to the CPU wheel on this machine's disk; install it first so nothing pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(BIN)/gipo
+
+install: $(BIN)/gipo
+
+demo: install
+	$(BIN)/gipo demo --out $(OUT) --overwrite
+
+test: install
+	$(BIN)/ruff check gipo tests benchmarks
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check gipo tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

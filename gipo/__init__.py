@@ -1,0 +1,22 @@
+"""gipo: Group Invariant Policy Optimization, RLHF with group-invariant learning.
+
+The Python API mirrors the command line::
+
+    from gipo import PPOConfig, PPOTrainer
+    trainer = PPOTrainer(PPOConfig(method="gipo", policy=..., reward_model=...), output_dir="runs/ppo")
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_pretrained("my-policy")
+"""
+
+from gipo.config import EvalConfig, PPOConfig, RewardConfig, SFTConfig, build_config, load_config
+from gipo.models import Critic, build_embedded_model, build_embedded_tokenizer
+from gipo.ppo import PPOTrainer
+from gipo.reward import RewardTrainer
+from gipo.sft import SFTTrainer
+from gipo.tasks import Task, register_task
+
+__all__ = [
+    "Critic", "EvalConfig", "PPOConfig", "PPOTrainer", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer",
+    "Task", "build_config", "build_embedded_model", "build_embedded_tokenizer", "load_config", "register_task",
+]

@@ -1,0 +1,356 @@
+"""Typed configuration: dataclasses loaded from YAML and overridden with ``--set key=value``.
+
+Every field carries its help text and, where it matters, the allowed values or range, so a bad
+value is rejected with a message that names the key and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the key."""
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+           max: float | None = None, min_exclusive: bool = False, result_affecting: bool = True) -> Any:
+    """A config field with its documentation and validation rules."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
+            "result_affecting": result_affecting}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Settings every training command shares."""
+
+    seed: int = option(0, "Random seed for Python, NumPy and torch.")
+    max_steps: int = option(200, "Training iterations (PPO) or optimizer steps (SFT, reward model).", min=1)
+    learning_rate: float = option(1e-3, "Peak learning rate of AdamW.", min=0, min_exclusive=True)
+    weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
+    warmup_steps: int = option(0, "Linear warm-up steps before a constant learning rate.", min=0)
+    max_grad_norm: float = option(1.0, "Gradient clipping by global norm (0 turns it off).", min=0)
+    gradient_accumulation_steps: int = option(1, "Micro-batches accumulated per optimizer step.", min=1)
+    device: str = option("auto", "Where to train: auto (CUDA if present), cpu or cuda.",
+                         choices=("auto", "cpu", "cuda"))
+    bf16: bool = option(False, "bf16 autocast on hardware that has it (ignored on the CPU).")
+    logging_steps: int = option(1, "Write metrics every N steps.", min=1, result_affecting=False)
+    checkpoint_every: int = option(50, "Save a checkpoint every N steps.", min=1, result_affecting=False)
+    keep_last: int = option(2, "How many checkpoints to keep.", min=1, result_affecting=False)
+    progress: bool = option(True, "Show a progress bar.", result_affecting=False)
+    on_nonfinite: str = option("stop", "What to do when NaN/inf appears in a reward, loss or advantage: "
+                               "stop the run, or skip the batch and count it.", choices=("stop", "skip"))
+
+
+@dataclass
+class SFTConfig(RunConfig):
+    """Supervised fine-tuning on prompt/completion demonstrations."""
+
+    model: str = option("embedded", "Policy to fine-tune: 'embedded' (built locally), a hub id or a local path.")
+    dataset: str = option("builtin", "A registered task name, a .jsonl/.json(.gz) file or a Hugging Face "
+                          "dataset id with prompt/completion (or messages) rows.")
+    batch_size: int = option(64, "Sequences per optimizer step.", min=1)
+    max_length: int = option(64, "Longest prompt + completion in tokens; longer rows are an error.", min=8)
+    completion_only_loss: bool = option(True, "Train on completion tokens only, not the prompt.")
+    eval_prompts: int = option(64, "Held-out prompts per group for `gipo eval`.", min=1)
+    max_steps: int = option(600, "Optimizer steps.", min=1)
+    learning_rate: float = option(3e-3, "Peak learning rate of AdamW.", min=0, min_exclusive=True)
+    warmup_steps: int = option(20, "Linear warm-up steps.", min=0)
+
+
+@dataclass
+class RewardConfig(RunConfig):
+    """Bradley-Terry reward model on chosen/rejected pairs."""
+
+    model: str = option("runs/demo/sft/final", "Backbone to start from (the SFT model, as in InstructGPT).")
+    dataset: str = option("builtin", "A registered task name (pairs are then sampled from `model` and "
+                          "labelled by the gold reward), or a file / dataset id with prompt/chosen/rejected.")
+    batch_size: int = option(64, "Pairs per optimizer step.", min=1)
+    max_length: int = option(64, "Longest prompt + response in tokens.", min=8)
+    num_pairs: int = option(2400, "Pairs to sample when the dataset is a task.", min=10)
+    label_noise_temperature: float = option(
+        0.1, "Bradley-Terry temperature of the simulated labeller: P(a > b) = sigmoid((gold_a - gold_b) / T).",
+        min=0, min_exclusive=True)
+    eval_fraction: float = option(0.15, "Share of pairs held out for accuracy.", min=0, max=0.9)
+    max_steps: int = option(500, "Optimizer steps.", min=1)
+    learning_rate: float = option(1e-3, "Peak learning rate of AdamW.", min=0, min_exclusive=True)
+    warmup_steps: int = option(20, "Linear warm-up steps.", min=0)
+    center_rewards_coefficient: float = option(
+        0.01, "Penalty on the squared score, keeping scores near zero (as TRL's RewardTrainer).", min=0)
+
+
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "ppo": {"_about": "plain PPO", "groups": "none", "group_objective": "none", "group_kl": False},
+    "ppo_no_kl": {"_about": "PPO without KL penalty", "groups": "none", "group_objective": "none",
+                  "group_kl": False, "kl_coef": 0.0},
+    "gipo_fixed_kl": {"_about": "inferred groups + invariant objective, fixed KL", "groups": "inferred",
+                      "group_objective": "variance", "group_kl": False},
+    "gipo": {"_about": "all three parts, as in the paper", "groups": "inferred", "group_objective": "variance",
+             "group_kl": True},
+    "gipo_gain": {"_about": "all three, groups from the per-prompt gain, mass-weighted variance",
+                  "groups": "inferred", "group_objective": "variance", "group_kl": True, "group_signal": "gain",
+                  "group_var": "mass"},
+    "oracle_dro": {"_about": "group DRO on the data's group labels", "groups": "oracle",
+                   "group_objective": "dro", "group_kl": False},
+    "custom": {"_about": "no preset: set the group keys yourself"},
+}
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    """PPO with a critic and a KL penalty to a frozen reference; the group method sits on top."""
+
+    policy: str = option("runs/demo/sft/final", "Policy to train: a hub id or a local path.")
+    reference: str | None = option(None, "Frozen reference policy (default: a copy of `policy`).")
+    reward_model: str = option("runs/demo/rm/final", "Reward model (AutoModelForSequenceClassification, 1 label).")
+    critic: str | None = option(None, "Critic backbone (default: the reward model, as in TRL); a value head "
+                                "and a group head are added on top.")
+    dataset: str = option("builtin", "Prompts: a registered task name, a file or a dataset id with a prompt "
+                          "(text or chat messages) and optionally a group per row.")
+    batch_size: int = option(64, "Prompts per PPO iteration (rollout batch).", min=1)
+    mini_batch_size: int = option(32, "Rollouts per optimizer step within an epoch.", min=1)
+    ppo_epochs: int = option(4, "Passes over each rollout batch.", min=1)
+    max_steps: int = option(120, "PPO iterations.", min=1)
+    learning_rate: float = option(5e-4, "Policy learning rate.", min=0, min_exclusive=True)
+    critic_learning_rate: float = option(1e-3, "Critic learning rate.", min=0, min_exclusive=True)
+    max_prompt_length: int = option(48, "Longest prompt in tokens; longer prompts are an error.", min=1)
+    # Sampling
+    max_new_tokens: int = option(16, "Response length limit.", min=1)
+    temperature: float = option(1.0, "Sampling temperature (also used to score log-probabilities).",
+                                min=0, min_exclusive=True)
+    top_k: int = option(0, "Top-k sampling (0 = off).", min=0)
+    top_p: float = option(1.0, "Nucleus sampling mass.", min=0, max=1, min_exclusive=True)
+    stop_on_eos: bool = option(True, "End a response at the EOS token.")
+    missing_eos_penalty: float | None = option(None, "Subtracted from the score of a response without EOS.", min=0)
+    # Reward
+    normalize_reward: bool = option(True, "Whiten reward-model scores with running mean and std.")
+    reward_clip: float = option(5.0, "Clip (normalized) scores to [-c, c] (0 = off).", min=0)
+    # KL
+    kl_coef: float = option(0.05, "Per-token KL coefficient (the initial one when adaptive).", min=0)
+    kl_estimator: str = option("k1", "Per-token KL estimator in the reward: k1 (log-ratio) or k3.",
+                               choices=("k1", "k3"))
+    adaptive_kl: bool = option(False, "Adapt the KL coefficient toward `target_kl` (Ziegler et al.).")
+    target_kl: float = option(3.0, "Target KL per response for the adaptive controller.", min=0,
+                              min_exclusive=True)
+    kl_horizon: int = option(10000, "Horizon of the adaptive KL controller, in samples.", min=1)
+    # PPO
+    gamma: float = option(1.0, "Discount.", min=0, max=1)
+    lam: float = option(0.95, "GAE lambda.", min=0, max=1)
+    clip_range: float = option(0.2, "Policy ratio clip.", min=0, min_exclusive=True)
+    clip_range_value: float = option(0.2, "Value clip around the old values.", min=0, min_exclusive=True)
+    vf_coef: float = option(0.5, "Weight of the value loss.", min=0)
+    whiten_advantages: bool = option(True, "Whiten advantages over the batch.")
+    entropy_coef: float = option(0.0, "Entropy bonus (0 logs entropy without training on it).", min=0)
+    eval_every: int = option(0, "Evaluate gold reward on held-out prompts every N iterations (0 = off).",
+                             min=0)
+    eval_prompts: int = option(64, "Held-out prompts per group for evaluation.", min=1)
+    # Group Invariant Learning (docs/method.md); `method` picks a preset of the keys below.
+    method: str = option("ppo", "Preset: " + ", ".join(f"{k} ({v['_about']})" for k, v in METHOD_PRESETS.items())
+                         + ". Keys set explicitly override the preset.", choices=tuple(METHOD_PRESETS))
+    groups: str = option("none", "Where groups come from: none, inferred (a group head on the critic, "
+                         "trained to maximize R_var) or oracle (the data's group labels).",
+                         choices=("none", "inferred", "oracle"))
+    num_groups: int = option(2, "M, the number of inferred groups (the paper: 2).", min=2)
+    group_signal: str = option("return", "Per-sample performance that forms the groups: return (shaped PPO "
+                               "return, the paper), score (reward-model score) or gain (score minus the "
+                               "reference policy's mean score on the same prompt).",
+                               choices=("return", "score", "gain"))
+    group_var: str = option("unweighted", "Variance across groups: unweighted (the paper) or mass "
+                            "(between-group variance weighted by group mass).", choices=("unweighted", "mass"))
+    group_objective: str = option("none", "Policy objective across groups: none (PPO), variance (PPO + "
+                                  "beta_policy * R_var, the paper), macro_mean, dro.",
+                                  choices=("none", "variance", "macro_mean", "dro"))
+    beta_policy: float = option(1.0, "Weight of R_var in the policy loss.", min=0)
+    beta_critic: float = option(1.0, "Weight of R_var (maximized) in the critic loss (the paper: 1).", min=0)
+    dro_step_size: float = option(0.0, "Group DRO: 0 takes the worst group's loss; > 0 uses exponentiated-"
+                                  "gradient group weights with this step size.", min=0)
+    min_group_mass: float = option(0.0, "Penalize groups whose mass falls below this share (0 = off).",
+                                   min=0, max=0.5)
+    min_mass_coef: float = option(10.0, "Weight of the minimum-mass penalty in the critic loss.", min=0)
+    group_kl: bool = option(False, "Group-adaptive KL: per-sample coefficient kl_coef * p(g_high | x, y) "
+                            "(rank-weighted for M > 2).")
+    group_kl_floor: float = option(0.0, "Lower bound of the group-adaptive KL weight.", min=0, max=1)
+    group_ema: float = option(0.9, "Smoothing of group returns across iterations (for g_high).", min=0, max=0.999)
+    gain_baseline_samples: int = option(2, "Reference responses per prompt for the gain's baseline.", min=1)
+
+    def __post_init__(self) -> None:
+        """Fill the preset's keys that were left at their defaults; a conflicting explicit value is an error."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, value in METHOD_PRESETS.get(self.method, {}).items():
+            if key.startswith("_") or getattr(self, key) == value:
+                continue
+            if getattr(self, key) != defaults[key]:
+                raise ConfigError(f"PPOConfig: method={self.method} sets {key}={value!r}, but {key}="
+                                  f"{getattr(self, key)!r} was given. Use method=custom to combine the group "
+                                  "keys freely.")
+            setattr(self, key, value)
+
+    def validate(self) -> None:
+        if self.mini_batch_size > self.batch_size or self.batch_size % self.mini_batch_size:
+            raise ConfigError(f"PPOConfig: mini_batch_size ({self.mini_batch_size}) must divide batch_size "
+                              f"({self.batch_size}).")
+        if self.group_objective != "none" and self.groups == "none":
+            raise ConfigError(f"PPOConfig: group_objective={self.group_objective} needs groups: set groups to "
+                              "inferred or oracle.")
+        if self.group_kl and self.groups == "none":
+            raise ConfigError("PPOConfig: group_kl needs groups: set groups to inferred or oracle.")
+
+
+@dataclass
+class EvalConfig:
+    """What `gipo eval` measures; read from the run directory, overridable."""
+
+    policy: str | None = option(None, "Policy to evaluate (default: RUN_DIR/final).")
+    reference: str | None = option(None, "Reference for the KL (default: the run's reference or start model).")
+    reward_model: str | None = option(None, "Reward model for `reward` (default: the run's, if any).")
+    dataset: str | None = option(None, "Prompts (default: the run's dataset).")
+    eval_prompts: int = option(64, "Held-out prompts per group.", min=1)
+    max_new_tokens: int = option(16, "Response length limit.", min=1)
+    temperature: float = option(1.0, "Sampling temperature.", min=0, min_exclusive=True)
+    batch_size: int = option(128, "Prompts per generation batch.", min=1)
+    seed: int = option(1234, "Sampling seed (fixed so evaluations compare like with like).")
+    device: str = option("auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda"))
+
+
+C = TypeVar("C")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(cls_name: str, key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; strings from ``--set`` are parsed as YAML."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(cls_name, key, value, arg)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{cls_name}: key '{key}' expects {' or '.join(_type_name(a) for a in args)}, "
+                          f"got {value!r}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{cls_name}: key '{key}' expects true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{cls_name}: key '{key}' expects an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{cls_name}: key '{key}' expects a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{cls_name}: key '{key}' expects a string, got {value!r}.")
+    return value
+
+
+def _check_range(cls_name: str, f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{cls_name}: key '{f.name}' is {value!r}; allowed values: "
+                          f"{', '.join(map(str, meta['choices']))}.")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+        bound = f"> {lo}" if meta.get("min_exclusive") else f">= {lo}"
+        raise ConfigError(f"{cls_name}: key '{f.name}' is {value!r}; it must be {bound}.")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{cls_name}: key '{f.name}' is {value!r}; it must be <= {hi}.")
+
+
+def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+    """Make ``cls`` from a mapping, rejecting unknown keys and bad values with a clear message."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{source}: unknown key '{key}' for {cls.__name__}.{hint} "
+                              f"Allowed keys: {', '.join(sorted(fields))}.")
+        kwargs[key] = _coerce(source, key, value, hints[key])
+    config = cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        _check_range(source, f, getattr(config, f.name))
+    validate = getattr(config, "validate", None)
+    if validate:
+        validate()
+    return config
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; values are read as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}.")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: cannot read value {raw!r}: {err}") from None
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of key: value, not {type(data).__name__}.")
+    return data
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """YAML file (optional) plus ``--set`` overrides, validated into ``cls``."""
+    values = read_yaml(path) if path else {}
+    values.update(parse_overrides(overrides or []))
+    return build_config(cls, values, source=str(path) if path else cls.__name__)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def describe(cls: type) -> str:
+    """Help text listing every key, its default and what it does."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        extra = f" (one of: {', '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else ""
+        lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""Evaluation of a policy per group and on out-of-distribution splits: reward, gold, KL, length.
+
+Shape of the result (written as ``eval.json``)::
+
+    {"groups": {NAME: {"n", "reward", "gold", "kl", "length"}},
+     "worst_group": {"name", "reward", "gold"},
+     "ood": {SPLIT: {"n", "reward", "gold", "kl", "length"}}}
+
+``gold`` is null where the task has no gold reward, ``reward`` where no reward model is given. The
+worst group is chosen by gold reward, else by reward-model score. ``kl`` is the mean over responses
+of sum_t log pi(y_t) - log pi_ref(y_t) on sampled responses (an unbiased estimate of KL per response).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gipo.config import ConfigError, EvalConfig, read_yaml
+from gipo.data import encode_prompts, load_prompts, pad_left
+from gipo.rollout import RewardScorer, SamplingSettings, decode_responses, generate, response_logprobs
+from gipo.tasks import PromptRecord, get_task, in_test_split
+
+
+@torch.no_grad()
+def score_prompts(policy, tokenizer, records: list[PromptRecord], *, settings: SamplingSettings,
+                  reference=None, scorer: RewardScorer | None = None,
+                  gold_reward: Callable[[PromptRecord, str], float] | None = None,
+                  batch_size: int = 128, max_prompt_length: int = 512, seed: int = 0,
+                  device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """Sample one response per prompt and measure it: one dict per prompt."""
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    rows = []
+    try:
+        encoded = encode_prompts(tokenizer, [r["prompt"] for r in records], max_prompt_length, "evaluation prompts")
+        for start in range(0, len(records), batch_size):
+            batch = records[start:start + batch_size]
+            ids, mask = pad_left(encoded[start:start + batch_size], tokenizer.pad_token_id)
+            rollout = generate(policy, ids.to(device), mask.to(device), tokenizer.eos_token_id,
+                               tokenizer.pad_token_id, settings)
+            texts = decode_responses(tokenizer, rollout)
+            kl = torch.zeros(len(batch))
+            if reference is not None:
+                logprobs, _ = response_logprobs(policy, rollout, settings.temperature)
+                ref_logprobs, _ = response_logprobs(reference, rollout, settings.temperature)
+                kl = ((logprobs - ref_logprobs) * rollout.response_mask).sum(-1).cpu()
+            scores = scorer(rollout).cpu() if scorer is not None else None
+            lengths = rollout.lengths.cpu()
+            for i, record in enumerate(batch):
+                rows.append({
+                    "group": record["group"], "response": texts[i],
+                    "reward": None if scores is None else float(scores[i]),
+                    "gold": None if gold_reward is None else float(gold_reward(record, texts[i])),
+                    "kl": float(kl[i]) if reference is not None else None, "length": float(lengths[i]),
+                })
+    finally:
+        torch.set_rng_state(generator_state)
+    return rows
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"n": len(rows), **{key: _mean([r[key] for r in rows]) for key in ("reward", "gold", "kl", "length")}}
+
+
+def summarize_by_group(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    by_group: dict[str, list] = defaultdict(list)
+    for row in rows:
+        by_group[row["group"]].append(row)
+    return {name: summarize(group_rows) for name, group_rows in sorted(by_group.items())}
+
+
+def worst_group(groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    key = "gold" if any(g["gold"] is not None for g in groups.values()) else "reward"
+    candidates = {name: g for name, g in groups.items() if g[key] is not None}
+    if not candidates:
+        return {"name": None, "reward": None, "gold": None}
+    name = min(candidates, key=lambda n: candidates[n][key])
+    return {"name": name, "reward": groups[name]["reward"], "gold": groups[name]["gold"]}
+
+
+def build_report(test_rows: list[dict[str, Any]], ood_rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    groups = summarize_by_group(test_rows)
+    return {"groups": groups, "worst_group": worst_group(groups),
+            "ood": {split: summarize(rows) for split, rows in ood_rows.items()}}
+
+
+def evaluation_prompts(dataset: str, n_per_group: int) -> tuple[list[PromptRecord], dict[str, list[PromptRecord]],
+                                                                 Callable[[PromptRecord, str], float] | None]:
+    """Held-out test prompts, OOD splits and the gold reward (None without one) for ``dataset``.
+
+    The prompts do not depend on the run's seed, so every run of a comparison meets the same ones.
+    """
+    task = get_task(dataset)
+    if task is not None:
+        ood = {split: task.prompts(split, n_per_group, seed=0) for split in task.ood_splits}
+        return task.prompts("test", n_per_group, seed=0), ood, task.gold_reward
+    records = [r for r in load_prompts(dataset, "test", n_per_group, 0) if in_test_split(str(r["prompt"]))]
+    by_group: dict[str, list[PromptRecord]] = defaultdict(list)
+    for record in records:
+        if len(by_group[record["group"]]) < n_per_group:
+            by_group[record["group"]].append(record)
+    return [r for rows in by_group.values() for r in rows], {}, None
+
+
+def evaluate_policy(policy, tokenizer, dataset: str, *, n_per_group: int, settings: SamplingSettings,
+                    reference=None, scorer: RewardScorer | None = None, batch_size: int = 128,
+                    max_prompt_length: int = 512, seed: int = 1234,
+                    device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The ``eval.json`` report for ``policy`` on ``dataset``'s held-out prompts and OOD splits."""
+    test, ood, gold = evaluation_prompts(dataset, n_per_group)
+    kwargs = dict(settings=settings, reference=reference, scorer=scorer, gold_reward=gold, batch_size=batch_size,
+                  max_prompt_length=max_prompt_length, seed=seed, device=device)
+    return build_report(score_prompts(policy, tokenizer, test, **kwargs),
+                        {split: score_prompts(policy, tokenizer, rows, **kwargs) for split, rows in ood.items()})
+
+
+def detect_stage(run_config: dict[str, Any]) -> str:
+    if "policy" in run_config:
+        return "ppo"
+    return "rm" if "num_pairs" in run_config else "sft"
+
+
+def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
+    """Evaluate ``run_dir/final`` as its config describes (overridden by ``config``); writes ``eval.json``."""
+    from gipo.models import load_causal_lm, load_reward_model, load_tokenizer
+    from gipo.trainer import resolve_device
+
+    run_dir = Path(run_dir)
+    run_config = read_yaml(run_dir / "config.yaml")
+    stage = detect_stage(run_config)
+    if stage == "rm":
+        raise ConfigError(f"{run_dir} is a reward-model run; `gipo rm` writes its eval.json (pairwise accuracy). "
+                          "gipo eval evaluates policies.")
+    policy_path = config.policy or str(run_dir / "final")
+    reference_path = config.reference or (run_config.get("reference") or run_config["policy"] if stage == "ppo"
+                                          else policy_path)
+    reward_path = config.reward_model or run_config.get("reward_model")
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(policy_path)
+    policy = load_causal_lm(policy_path).to(device)
+    reference = policy if reference_path == policy_path else load_causal_lm(reference_path).to(device)
+    scorer = None
+    if reward_path:
+        scorer = RewardScorer(load_reward_model(reward_path).to(device), load_tokenizer(reward_path), tokenizer)
+    settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+    report = evaluate_policy(policy, tokenizer, config.dataset or run_config["dataset"],
+                             n_per_group=config.eval_prompts, settings=settings, reference=reference, scorer=scorer,
+                             batch_size=config.batch_size, seed=config.seed, device=device,
+                             max_prompt_length=run_config.get("max_prompt_length", 512))
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,144 @@
+"""Group Invariant Learning as pure functions: soft group returns, R_var, the invariant policy loss,
+per-sample KL coefficients, and agreement with true labels.
+
+A *group* here is a set of prompts/trajectories (a domain, inferred or labelled), not GRPO's set of
+samples drawn for one prompt. ``probs`` (B, M) is the soft assignment p(g | x, y), rows summing to 1.
+
+Every batch statistic goes through ``reduce`` (a sum over the global batch; the identity in one
+process), so a multi-process run computes the same numbers as one process with the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def local_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def global_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over all processes, differentiable; the identity when torch.distributed is not running."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        import torch.distributed.nn.functional as dist_fn
+
+        return dist_fn.all_reduce(tensor)
+    return tensor
+
+
+def soft_group_means(probs: torch.Tensor, values: torch.Tensor, reduce: Reduce = local_sum,
+                     eps: float = 1e-8) -> torch.Tensor:
+    """R_g = sum_i p(g|i) v_i / sum_i p(g|i), for each group g: (M,)."""
+    numerator = reduce(probs.transpose(0, 1) @ values)
+    denominator = reduce(probs.sum(0))
+    return numerator / (denominator + eps)
+
+
+def group_masses(probs: torch.Tensor, reduce: Reduce = local_sum) -> torch.Tensor:
+    """Each group's share of the batch, m_g = sum_i p(g|i) / N: (M,), summing to 1."""
+    total = reduce(probs.new_tensor(float(probs.shape[0])))
+    return reduce(probs.sum(0)) / total
+
+
+def group_variance(group_values: torch.Tensor, masses: torch.Tensor, kind: str = "unweighted") -> torch.Tensor:
+    """Spread of per-group values.
+
+    ``unweighted`` (the paper): the population variance of the M group values.
+    ``mass``: between-group variance sum_g m_g (R_g - R_bar)^2 with R_bar = sum_g m_g R_g; a group with
+    little mass contributes little, so a tiny extreme tail cannot dominate it.
+    """
+    if kind == "unweighted":
+        return ((group_values - group_values.mean()) ** 2).mean()
+    if kind == "mass":
+        weights = masses / masses.sum()
+        mean = (weights * group_values).sum()
+        return (weights * (group_values - mean) ** 2).sum()
+    raise ValueError(f"Unknown group variance {kind!r}; allowed: unweighted, mass.")
+
+
+def invariance_violation(probs: torch.Tensor, values: torch.Tensor, kind: str = "unweighted",
+                         reduce: Reduce = local_sum) -> torch.Tensor:
+    """R_var = Var_g[R_g]: what the group head maximizes and the policy term minimizes."""
+    return group_variance(soft_group_means(probs, values, reduce), group_masses(probs, reduce), kind)
+
+
+def min_mass_penalty(masses: torch.Tensor, min_mass: float) -> torch.Tensor:
+    """sum_g relu(min_mass - m_g)^2: keeps the group head from emptying a group."""
+    return torch.relu(min_mass - masses).pow(2).sum()
+
+
+def group_objective_loss(sample_losses: torch.Tensor, probs: torch.Tensor, objective: str, *, beta: float = 1.0,
+                         kind: str = "unweighted", dro_weights: torch.Tensor | None = None,
+                         reduce: Reduce = local_sum) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy loss over per-sample PPO losses (B,) given group assignments (held fixed).
+
+    ``none``: the plain mean (PPO). ``variance``: mean + beta * Var_g of the soft group losses (the
+    paper). ``macro_mean``: the mean of the group losses. ``dro``: the worst group's loss, or the
+    groups weighted by ``dro_weights`` (exponentiated-gradient group DRO) when given.
+    Returns the loss and the soft per-group losses (M,).
+    """
+    probs = probs.detach()
+    group_losses = soft_group_means(probs, sample_losses, reduce)
+    if objective == "none":
+        count = reduce(sample_losses.new_tensor(float(sample_losses.shape[0])))
+        return reduce(sample_losses.sum()) / count, group_losses
+    if objective == "variance":
+        count = reduce(sample_losses.new_tensor(float(sample_losses.shape[0])))
+        mean = reduce(sample_losses.sum()) / count
+        return mean + beta * group_variance(group_losses, group_masses(probs, reduce), kind), group_losses
+    if objective == "macro_mean":
+        return group_losses.mean(), group_losses
+    if objective == "dro":
+        if dro_weights is None:
+            return group_losses.max(), group_losses
+        return (dro_weights * group_losses).sum(), group_losses
+    raise ValueError(f"Unknown group objective {objective!r}; allowed: none, variance, macro_mean, dro.")
+
+
+def update_dro_weights(weights: torch.Tensor, group_losses: torch.Tensor, step_size: float) -> torch.Tensor:
+    """Exponentiated-gradient step of group DRO (Sagawa et al., 2020): q_g <- q_g exp(eta L_g), normalized."""
+    new = weights * torch.exp(step_size * group_losses.detach())
+    return new / new.sum()
+
+
+def rank_weights(group_returns: torch.Tensor) -> torch.Tensor:
+    """Weight per group by rank of its return: 1 for the highest, 0 for the lowest, linear between.
+
+    At M = 2 this is the indicator of g_high, so the per-sample coefficient is p(g_high | x, y).
+    """
+    m = group_returns.shape[0]
+    ranks = torch.empty_like(group_returns)
+    ranks[torch.argsort(group_returns, descending=True)] = torch.arange(m, dtype=group_returns.dtype,
+                                                                         device=group_returns.device)
+    return 1.0 - ranks / (m - 1)
+
+
+def adaptive_kl_coefficients(probs: torch.Tensor, group_returns: torch.Tensor, eta: float,
+                             floor: float = 0.0) -> torch.Tensor:
+    """Per-sample KL coefficient eta * max(floor, sum_g p(g|i) w_g), w from :func:`rank_weights`."""
+    weight = probs @ rank_weights(group_returns)
+    return eta * weight.clamp(min=floor)
+
+
+def normalized_mutual_information(predicted: torch.Tensor, true: torch.Tensor) -> float:
+    """NMI (arithmetic normalization) between two labelings of the same samples; 1 = same partition."""
+    predicted, true = predicted.long().tolist(), true.long().tolist()
+    n = len(predicted)
+    if n == 0:
+        return 0.0
+    joint: dict[tuple[int, int], int] = {}
+    for a, b in zip(predicted, true, strict=True):
+        joint[(a, b)] = joint.get((a, b), 0) + 1
+    count_a = {a: predicted.count(a) for a in set(predicted)}
+    count_b = {b: true.count(b) for b in set(true)}
+    mutual = sum(c / n * math.log(c * n / (count_a[a] * count_b[b])) for (a, b), c in joint.items())
+    entropy_a = -sum(c / n * math.log(c / n) for c in count_a.values())
+    entropy_b = -sum(c / n * math.log(c / n) for c in count_b.values())
+    if entropy_a + entropy_b == 0:
+        return 1.0
+    return 2 * mutual / (entropy_a + entropy_b)

@@ -1,0 +1,139 @@
+"""PPO math as pure functions of tensors: no models, no state, each unit-tested by hand.
+
+Shapes: B samples, T response tokens; ``mask`` (B, T) is 1 on response tokens (EOS included) and 0
+on padding after it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return masked_sum(values, mask) / mask.sum().clamp(min=1)
+    return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Zero mean (optional) and unit variance over the masked entries."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens], without materializing the full log-softmax tensor."""
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the categorical distribution given by ``logits``."""
+    probs = F.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi.
+
+    k1 = log pi - log pi_ref (unbiased, can be negative); k3 = (r - 1) - log r with
+    r = pi_ref / pi (unbiased, never negative, lower variance near the reference).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"Unknown KL estimator {estimator!r}; allowed: k1, k3.")
+
+
+def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                  kl_coef: torch.Tensor | float) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * KL on every token, plus the score on the last response token.
+
+    ``kl_coef`` is a float or a per-sample tensor (B,): the seam for group-adaptive KL.
+    """
+    coef = kl_coef.unsqueeze(-1) if isinstance(kl_coef, torch.Tensor) else kl_coef
+    rewards = -coef * kl * mask
+    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over right-padded responses.
+
+    The value after the last response token is 0 (the episode ends there). Returns advantages and
+    returns (advantages + values), both zero on padding.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    next_advantage = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(next_advantage)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token clipped surrogate loss max(-A r, -A clip(r)), with r = pi / pi_old.
+
+    Returns the (B, T) loss and per-token stats (clipped indicator, approximate KL to the old policy)
+    for the caller to average under its mask.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped)
+    stats = {"clipped": (clipped > unclipped).float(), "approxkl": 0.5 * log_ratio.detach() ** 2,
+             "ratio": ratio.detach()}
+    return loss, stats
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip_range_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token 0.5 * max((V - R)^2, (V_clip - R)^2), V_clip within clip_range_value of the old V.
+
+    Returns the (B, T) loss and the clipped indicator.
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped_values - returns) ** 2
+    return 0.5 * torch.maximum(loss_unclipped, loss_clipped), (loss_clipped > loss_unclipped).float()
+
+
+def per_sample_mean(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sample's response tokens: (B, T) -> (B,)."""
+    return masked_mean(token_values, mask, dim=1)
+
+
+def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor,
+                         center_coef: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry loss -log sigmoid(r_chosen - r_rejected), plus an optional centring penalty."""
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    return loss

@@ -1,0 +1,398 @@
+"""PPO for language models, with Group Invariant Learning as switchable parts.
+
+One iteration, as a recipe (``training_step``):
+1. sample prompts and generate responses with the policy;
+2. score them: policy and reference log-probabilities, critic values and group assignments,
+   reward-model scores;
+3. shape per-token rewards with the (group-adaptive) KL penalty; GAE advantages and returns;
+4. several epochs over minibatches: a critic step (value loss - beta_critic * R_var) and a policy
+   step (PPO loss, or its group-invariant form);
+5. update the KL controller and the group statistics; log.
+The math lives in ``gipo.losses`` and ``gipo.groups``; this file only wires it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gipo import groups as G
+from gipo.config import PPOConfig
+from gipo.data import EpochSampler, encode_prompts, load_prompts, pad_left
+from gipo.evaluation import evaluate_policy
+from gipo.kl_control import make_kl_controller
+from gipo.losses import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    compute_gae,
+    kl_per_token,
+    masked_mean,
+    masked_whiten,
+    per_sample_mean,
+    shape_rewards,
+)
+from gipo.models import Critic, load_causal_lm, load_reward_model, load_tokenizer
+from gipo.rollout import (
+    RewardScorer,
+    Rollout,
+    SamplingSettings,
+    critic_values,
+    decode_responses,
+    generate,
+    response_logprobs,
+)
+from gipo.tasks import get_task
+from gipo.trainer import BaseTrainer, check_finite, make_optimizer
+
+
+class RunningMoments:
+    """Running mean and standard deviation over every score seen (for reward normalization)."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0.0
+
+    def update(self, values: torch.Tensor, reduce: G.Reduce = G.local_sum) -> None:
+        n = float(reduce(values.new_tensor(float(values.numel()))))
+        batch_mean = float(reduce(values.sum())) / n
+        batch_var = float(reduce(((values - batch_mean) ** 2).sum())) / n
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-8) ** 0.5
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+@dataclass
+class Experience:
+    """One iteration's rollouts and everything the update reads from them (fixed during the epochs)."""
+
+    rollout: Rollout
+    old_logprobs: torch.Tensor  # (B, T)
+    old_values: torch.Tensor  # (B, T)
+    advantages: torch.Tensor  # (B, T)
+    returns: torch.Tensor  # (B, T)
+    group_signal: torch.Tensor  # (B,) what the group head separates
+    label_probs: torch.Tensor | None  # (B, M) one-hot of the data's groups (oracle), else None
+
+    def __len__(self) -> int:
+        return self.rollout.response_ids.shape[0]
+
+
+class PPOTrainer(BaseTrainer):
+    """``PPOTrainer(config).train()``; pass models, tokenizer or prompt records you already hold."""
+
+    stage = "ppo"
+    progress_keys = ("objective/scores", "objective/kl", "groups/r_var")
+
+    def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reference=None, reward_model=None,
+                 reward_tokenizer=None, critic: Critic | None = None, prompts: list[dict] | None = None,
+                 output_dir: str | Path = "runs/ppo", *, overwrite: bool = False, prompts_per_group: int = 2000):
+        super().__init__(config, output_dir, overwrite=overwrite)
+        self.tokenizer = tokenizer or load_tokenizer(config.policy)
+        self.policy = (policy or load_causal_lm(config.policy)).to(self.device)
+        self.reference = reference or (load_causal_lm(config.reference) if config.reference
+                                       else copy.deepcopy(self.policy))
+        self.reference.to(self.device).eval().requires_grad_(False)
+        reward_model = (reward_model or load_reward_model(config.reward_model)).to(self.device)
+        reward_model.eval().requires_grad_(False)
+        reward_tokenizer = reward_tokenizer or load_tokenizer(config.reward_model)
+        self.scorer = RewardScorer(reward_model, reward_tokenizer, self.tokenizer)
+        self.records = prompts if prompts is not None else load_prompts(config.dataset, "train", prompts_per_group,
+                                                                        config.seed)
+        self.encoded = encode_prompts(self.tokenizer, [r["prompt"] for r in self.records],
+                                      config.max_prompt_length, config.dataset)
+        self.label_names = sorted({r["group"] for r in self.records})
+        self.num_groups = len(self.label_names) if config.groups == "oracle" else config.num_groups
+        critic_source = config.critic or (config.reward_model if self.scorer.same_tokenizer else config.policy)
+        self.critic = (critic or Critic.from_backbone(critic_source, self.num_groups)).to(self.device)
+        self.sampler = EpochSampler(len(self.records), config.seed)
+        self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), config.learning_rate,
+                                                        config.weight_decay, config.warmup_steps)
+        self.critic_optimizer, self.critic_scheduler = make_optimizer(
+            self.critic.parameters(), config.critic_learning_rate, config.weight_decay, config.warmup_steps)
+        self.kl_ctl = make_kl_controller(config.kl_coef, config.adaptive_kl, config.target_kl, config.kl_horizon)
+        self.score_moments = RunningMoments()
+        self.group_returns_ema: torch.Tensor | None = None
+        self.dro_weights = torch.full((self.num_groups,), 1.0 / self.num_groups)
+        self.gain_baseline: dict[int, float] = {}
+        self.settings = SamplingSettings(config.max_new_tokens, config.temperature, config.top_k, config.top_p,
+                                         config.stop_on_eos)
+        self.reduce = G.global_sum
+
+    # --- 1-3: rollout and scoring ---------------------------------------------------------------------
+    def training_step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        indices = self.sampler.next_batch(self.config.batch_size)
+        experience, metrics = self.collect_experience(indices)
+        metrics["time/rollout"] = time.perf_counter() - started
+        started = time.perf_counter()
+        metrics.update(self.update(experience))
+        metrics["time/update"] = time.perf_counter() - started
+        self.kl_ctl.update(metrics["objective/kl"], len(indices))
+        if self.config.eval_every and self.step % self.config.eval_every == 0:
+            metrics.update(self.eval_metrics())
+        return metrics
+
+    @torch.no_grad()
+    def collect_experience(self, indices: list[int]) -> tuple[Experience, dict[str, float]]:
+        config = self.config
+        ids, mask = pad_left([self.encoded[i] for i in indices], self.tokenizer.pad_token_id)
+        rollout = generate(self.policy, ids.to(self.device), mask.to(self.device), self.tokenizer.eos_token_id,
+                           self.tokenizer.pad_token_id, self.settings)
+        response_mask = rollout.response_mask
+        with self.autocast():
+            logprobs, _ = response_logprobs(self.policy, rollout, config.temperature)
+            ref_logprobs, _ = response_logprobs(self.reference, rollout, config.temperature)
+            values, group_logits = critic_values(self.critic, rollout)
+            raw_scores = self.scorer(rollout)
+        check_finite(self.step, reward_model_scores=raw_scores, log_probabilities=logprobs,
+                     reference_log_probabilities=ref_logprobs, values=values)
+
+        scores = raw_scores.clone()
+        if config.missing_eos_penalty is not None:
+            scores[~rollout.has_eos] -= config.missing_eos_penalty
+        if config.normalize_reward:
+            self.score_moments.update(scores, self.reduce)
+            scores = (scores - self.score_moments.mean) / self.score_moments.std
+        if config.reward_clip:
+            scores = scores.clamp(-config.reward_clip, config.reward_clip)
+
+        label_probs = self._label_probs(indices) if config.groups == "oracle" else None
+        probs = label_probs if label_probs is not None else F.softmax(group_logits, dim=-1)
+        kl = kl_per_token(logprobs, ref_logprobs, config.kl_estimator)
+        kl_coef = self._kl_coefficients(probs)
+        rewards = shape_rewards(scores, kl, response_mask, kl_coef)
+        advantages, returns = compute_gae(rewards, values, response_mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = masked_whiten(advantages, response_mask)
+        check_finite(self.step, shaped_rewards=rewards, advantages=advantages, returns=returns)
+
+        signal = self._group_signal(indices, rewards, raw_scores)
+        if config.groups != "none":
+            group_returns = G.soft_group_means(probs, signal, self.reduce)
+            self.group_returns_ema = group_returns if self.group_returns_ema is None else (
+                config.group_ema * self.group_returns_ema + (1 - config.group_ema) * group_returns)
+
+        experience = Experience(rollout, logprobs, values, advantages, returns, signal, label_probs)
+        kl_sum = (kl_per_token(logprobs, ref_logprobs, "k1") * response_mask).sum(-1)
+        metrics = {
+            "objective/kl": kl_sum.mean().item(),
+            "objective/kl_coef": self.kl_ctl.value,
+            "objective/scores": raw_scores.mean().item(),
+            "objective/non_score_reward": (rewards.sum(-1) - scores).mean().item(),
+            "objective/rlhf_reward": rewards.sum(-1).mean().item(),
+            "val/num_eos_tokens": rollout.has_eos.float().sum().item(),
+            "response/length": rollout.lengths.float().mean().item(),
+        }
+        metrics.update(self._domain_metrics(indices, rollout, raw_scores, kl_sum))
+        if config.groups != "none":
+            metrics.update(self._group_metrics(indices, probs, signal, kl_sum, kl_coef))
+        return experience, metrics
+
+    def _label_probs(self, indices: list[int]) -> torch.Tensor:
+        labels = torch.tensor([self.label_names.index(self.records[i]["group"]) for i in indices])
+        return F.one_hot(labels, len(self.label_names)).float().to(self.device)
+
+    def _kl_coefficients(self, probs: torch.Tensor) -> torch.Tensor | float:
+        if not self.config.group_kl or self.group_returns_ema is None:
+            return self.kl_ctl.value
+        return G.adaptive_kl_coefficients(probs, self.group_returns_ema, self.kl_ctl.value,
+                                          self.config.group_kl_floor)
+
+    def _group_signal(self, indices: list[int], rewards: torch.Tensor, raw_scores: torch.Tensor) -> torch.Tensor:
+        signal = self.config.group_signal
+        if signal == "return":
+            return rewards.sum(-1)
+        if signal == "score":
+            return raw_scores
+        missing = [i for i in dict.fromkeys(indices) if i not in self.gain_baseline]
+        if missing:
+            self._fill_gain_baseline(missing)
+        baseline = torch.tensor([self.gain_baseline[i] for i in indices], device=raw_scores.device)
+        return raw_scores - baseline
+
+    @torch.no_grad()
+    def _fill_gain_baseline(self, indices: list[int]) -> None:
+        """Mean reward-model score of the reference policy's responses, once per prompt (cached)."""
+        repeats = self.config.gain_baseline_samples
+        ids, mask = pad_left([self.encoded[i] for i in indices], self.tokenizer.pad_token_id)
+        rollout = generate(self.reference, ids.repeat(repeats, 1).to(self.device),
+                           mask.repeat(repeats, 1).to(self.device), self.tokenizer.eos_token_id,
+                           self.tokenizer.pad_token_id, self.settings)
+        scores = self.scorer(rollout).view(repeats, len(indices)).mean(0)
+        self.gain_baseline.update(zip(indices, scores.tolist(), strict=True))
+
+    def _domain_metrics(self, indices: list[int], rollout: Rollout, raw_scores: torch.Tensor,
+                        kl_sum: torch.Tensor) -> dict[str, float]:
+        """Per true domain (reporting only): score, KL and, where the task has one, gold reward."""
+        task = get_task(self.config.dataset)
+        texts = decode_responses(self.tokenizer, rollout) if task is not None else None
+        metrics: dict[str, float] = {}
+        for name in self.label_names:
+            rows = [k for k, i in enumerate(indices) if self.records[i]["group"] == name]
+            if not rows:
+                continue
+            metrics[f"domain/score/{name}"] = raw_scores[rows].mean().item()
+            metrics[f"domain/kl/{name}"] = kl_sum[rows].mean().item()
+            if task is not None:
+                gold = [task.gold_reward(self.records[indices[k]], texts[k]) for k in rows]
+                metrics[f"domain/gold/{name}"] = sum(gold) / len(gold)
+        return metrics
+
+    def _group_metrics(self, indices: list[int], probs: torch.Tensor, signal: torch.Tensor, kl_sum: torch.Tensor,
+                       kl_coef: torch.Tensor | float) -> dict[str, float]:
+        masses = G.group_masses(probs, self.reduce)
+        coef = kl_coef if isinstance(kl_coef, torch.Tensor) else torch.full_like(kl_sum, kl_coef)
+        metrics = {"groups/r_var": G.invariance_violation(probs, signal, self.config.group_var, self.reduce).item()}
+        for g, (mass, ret, kl, c) in enumerate(zip(masses, G.soft_group_means(probs, signal, self.reduce),
+                                                   G.soft_group_means(probs, kl_sum, self.reduce),
+                                                   G.soft_group_means(probs, coef, self.reduce), strict=True)):
+            metrics.update({f"groups/mass/{g}": mass.item(), f"groups/return/{g}": ret.item(),
+                            f"groups/kl/{g}": kl.item(), f"groups/kl_coef/{g}": c.item()})
+        true_labels = torch.tensor([self.label_names.index(self.records[i]["group"]) for i in indices])
+        if len(self.label_names) > 1:
+            metrics["groups/nmi"] = G.normalized_mutual_information(probs.argmax(-1).cpu(), true_labels)
+        return metrics
+
+    # --- 4: the update ----------------------------------------------------------------------------------
+    def update(self, experience: Experience) -> dict[str, float]:
+        config = self.config
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(len(experience))
+            for start in range(0, len(experience), config.mini_batch_size):
+                minibatch = order[start:start + config.mini_batch_size].tolist()
+                for micro in self.micro_batches(minibatch):
+                    stats = self._micro_step(experience, torch.tensor(micro, device=self.device),
+                                             len(micro) / len(minibatch))
+                    for key, value in stats.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    count += 1
+                stats_policy = self.optimizer_step(self.policy.parameters(), self.optimizer, self.scheduler)
+                stats_critic = self.optimizer_step(self.critic.parameters(), self.critic_optimizer,
+                                                   self.critic_scheduler)
+                sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + stats_policy
+                sums["val/grad_norm"] = sums.get("val/grad_norm", 0.0) + stats_critic
+        steps = config.ppo_epochs * (len(experience) // config.mini_batch_size)
+        if config.group_objective == "dro" and config.dro_step_size > 0:
+            self.dro_weights = G.update_dro_weights(self.dro_weights, torch.tensor(
+                [sums[f"groups/policy_loss/{g}"] / count for g in range(self.num_groups)]), config.dro_step_size)
+        return {key: value / (steps if key.endswith("grad_norm") else count) for key, value in sums.items()}
+
+    def _micro_step(self, experience: Experience, index: torch.Tensor, weight: float) -> dict[str, float]:
+        """Backward of the critic loss and the policy loss on one micro-batch; returns its stats."""
+        config = self.config
+        rollout = experience.rollout.select(index)
+        mask = rollout.response_mask
+        with self.autocast():
+            values, group_logits = critic_values(self.critic, rollout)
+            logprobs, entropy = response_logprobs(self.policy, rollout, config.temperature, with_entropy=True)
+
+        # Critic step: fit the returns; the group head maximizes the spread of the group signal.
+        value_tokens, value_clipped = clipped_value_loss(values, experience.old_values[index],
+                                                         experience.returns[index], config.clip_range_value)
+        value_loss = masked_mean(value_tokens, mask)
+        critic_loss = config.vf_coef * value_loss
+        stats: dict[str, float] = {}
+        if config.groups == "inferred":
+            probs = F.softmax(group_logits, dim=-1)
+            r_var = G.invariance_violation(probs, experience.group_signal[index], config.group_var, self.reduce)
+            critic_loss = critic_loss - config.beta_critic * r_var
+            if config.min_group_mass > 0:
+                critic_loss = critic_loss + config.min_mass_coef * G.min_mass_penalty(
+                    G.group_masses(probs, self.reduce), config.min_group_mass)
+            stats["groups/head_r_var"] = r_var.item()
+            assignment = probs.detach()
+        else:
+            assignment = experience.label_probs[index] if experience.label_probs is not None else None
+
+        # Policy step: clipped surrogate per sample, then combined across groups (held fixed).
+        policy_tokens, policy_stats = clipped_policy_loss(logprobs, experience.old_logprobs[index],
+                                                          experience.advantages[index], config.clip_range)
+        sample_losses = per_sample_mean(policy_tokens, mask)
+        if assignment is None:
+            policy_loss = sample_losses.mean()
+        else:
+            policy_loss, group_losses = G.group_objective_loss(
+                sample_losses, assignment, config.group_objective, beta=config.beta_policy, kind=config.group_var,
+                dro_weights=self.dro_weights.to(self.device) if config.dro_step_size > 0 else None,
+                reduce=self.reduce)
+            stats.update({f"groups/policy_loss/{g}": v.item() for g, v in enumerate(group_losses)})
+            stats["groups/policy_loss_var"] = G.group_variance(
+                group_losses, G.group_masses(assignment, self.reduce), config.group_var).item()
+        entropy_mean = masked_mean(entropy, mask)
+        loss = policy_loss - config.entropy_coef * entropy_mean
+        check_finite(self.step, policy_loss=loss, value_loss=critic_loss)
+        ((loss + critic_loss) * weight).backward()
+        stats.update({
+            "loss/policy_avg": policy_loss.item(), "loss/value_avg": value_loss.item(),
+            "policy/entropy_avg": entropy_mean.item(), "objective/entropy": entropy_mean.item(),
+            "policy/approxkl_avg": masked_mean(policy_stats["approxkl"], mask).item(),
+            "policy/clipfrac_avg": masked_mean(policy_stats["clipped"], mask).item(),
+            "val/clipfrac_avg": masked_mean(value_clipped, mask).item(),
+            "val/ratio": masked_mean(policy_stats["ratio"], mask).item(),
+        })
+        return stats
+
+    # --- evaluation and state -----------------------------------------------------------------------------
+    def evaluate(self, n_per_group: int | None = None) -> dict[str, Any]:
+        """The ``eval.json`` report of the current policy (held-out prompts, OOD splits)."""
+        return evaluate_policy(self.policy, self.tokenizer, self.config.dataset,
+                               n_per_group=n_per_group or self.config.eval_prompts, settings=self.settings,
+                               reference=self.reference, scorer=self.scorer, device=self.device)
+
+    def eval_metrics(self) -> dict[str, float]:
+        report = self.evaluate()
+        metrics = {}
+        for name, group in report["groups"].items():
+            for key in ("gold", "reward"):
+                if group[key] is not None:
+                    metrics[f"eval/{key}/{name}"] = group[key]
+        for split, summary in report["ood"].items():
+            if summary["gold"] is not None:
+                metrics[f"eval/gold/ood_{split}"] = summary["gold"]
+        if report["worst_group"]["gold"] is not None:
+            metrics["eval/worst_group_gold"] = report["worst_group"]["gold"]
+        return metrics
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {**super().trainer_state(), "critic_optimizer": self.critic_optimizer.state_dict(),
+                "critic_scheduler": self.critic_scheduler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+                "score_moments": self.score_moments.state_dict(), "group_returns_ema": self.group_returns_ema,
+                "dro_weights": self.dro_weights, "gain_baseline": self.gain_baseline}
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        super().load_trainer_state(state)
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.critic_scheduler.load_state_dict(state["critic_scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.group_returns_ema, self.dro_weights = state["group_returns_ema"], state["dro_weights"]
+        self.gain_baseline = state["gain_baseline"]
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """The policy (loadable with ``from_pretrained(path)``) and the critic in ``path/critic``."""
+        self.policy.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.critic.save_pretrained(Path(path) / "critic")
+
+    def load_weights(self, folder: Path) -> None:
+        self.policy.load_state_dict(load_causal_lm(str(folder)).state_dict())
+        self.critic.load_state_dict(Critic.from_backbone(str(folder / "critic"), self.num_groups).state_dict())
