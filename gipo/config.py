@@ -6,8 +6,10 @@ value is rejected with a message that names the key and what is allowed, before 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,6 +109,11 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _preset_conflict(method: str, key: str, preset: Any, given: Any) -> str:
+    return (f"PPOConfig: method={method} sets {key}={preset!r}, but {key}={given!r} was given. Use "
+            "method=custom to combine the group keys freely.")
+
+
 @dataclass
 class PPOConfig(RunConfig):
     """PPO with a critic and a KL penalty to a frozen reference; the group method sits on top."""
@@ -157,7 +164,8 @@ class PPOConfig(RunConfig):
     eval_prompts: int = option(64, "Held-out prompts per group for evaluation.", min=1)
     # Group Invariant Learning (docs/method.md); `method` picks a preset of the keys below.
     method: str = option("ppo", "Preset: " + ", ".join(f"{k} ({v['_about']})" for k, v in METHOD_PRESETS.items())
-                         + ". Keys set explicitly override the preset.", choices=tuple(METHOD_PRESETS))
+                         + ". A group key set explicitly to another value than the preset's is an error "
+                         "(use custom).", choices=tuple(METHOD_PRESETS))
     groups: str = option("none", "Where groups come from: none, inferred (a group head on the critic, "
                          "trained to maximize R_var) or oracle (the data's group labels).",
                          choices=("none", "inferred", "oracle"))
@@ -191,10 +199,16 @@ class PPOConfig(RunConfig):
             if key.startswith("_") or getattr(self, key) == value:
                 continue
             if getattr(self, key) != defaults[key]:
-                raise ConfigError(f"PPOConfig: method={self.method} sets {key}={value!r}, but {key}="
-                                  f"{getattr(self, key)!r} was given. Use method=custom to combine the group "
-                                  "keys freely.")
+                raise ConfigError(_preset_conflict(self.method, key, value, getattr(self, key)))
             setattr(self, key, value)
+
+    @staticmethod
+    def check_given(given: dict[str, Any]) -> None:
+        """A key given explicitly, even at its default, that the method preset sets otherwise is an error."""
+        method = given.get("method", "ppo")
+        for key, value in METHOD_PRESETS.get(method, {}).items():
+            if not key.startswith("_") and key in given and given[key] != value:
+                raise ConfigError(_preset_conflict(method, key, value, given[key]))
 
     def validate(self) -> None:
         if self.mini_batch_size > self.batch_size or self.batch_size % self.mini_batch_size:
@@ -256,6 +270,11 @@ def _coerce(cls_name: str, key: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"{cls_name}: key '{key}' expects an integer, got {value!r}.")
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{cls_name}: key '{key}' expects a finite number, got {value!r}.")
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{cls_name}: key '{key}' expects a number, got {value!r}.")
@@ -281,6 +300,11 @@ def _check_range(cls_name: str, f: dataclasses.Field, value: Any) -> None:
         raise ConfigError(f"{cls_name}: key '{f.name}' is {value!r}; it must be <= {hi}.")
 
 
+def _from_source(source: str, cls: type, err: ConfigError) -> ConfigError:
+    """``err`` naming the config's source (the file to edit) in place of the class name."""
+    return ConfigError(f"{source}: {str(err).removeprefix(f'{cls.__name__}: ')}")
+
+
 def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
     """Make ``cls`` from a mapping, rejecting unknown keys and bad values with a clear message."""
     hints = typing.get_type_hints(cls)
@@ -288,17 +312,26 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3)
+            close = difflib.get_close_matches(str(key), fields, n=3)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise ConfigError(f"{source}: unknown key '{key}' for {cls.__name__}.{hint} "
                               f"Allowed keys: {', '.join(sorted(fields))}.")
         kwargs[key] = _coerce(source, key, value, hints[key])
-    config = cls(**kwargs)
+    try:
+        check_given = getattr(cls, "check_given", None)
+        if check_given:
+            check_given(kwargs)
+        config = cls(**kwargs)
+    except ConfigError as err:
+        raise _from_source(source, cls, err) from None
     for f in dataclasses.fields(cls):
         _check_range(source, f, getattr(config, f.name))
     validate = getattr(config, "validate", None)
     if validate:
-        validate()
+        try:
+            validate()
+        except ConfigError as err:
+            raise _from_source(source, cls, err) from None
     return config
 
 
@@ -312,8 +345,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {key}: cannot read value {raw!r}: {err}") from None
+            raise ConfigError(f"--set {key}: cannot read value {raw!r}: {_yaml_problem(err)}.") from None
     return out
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: the problem and where it is."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if not problem:
+        return " ".join(str(err).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -322,8 +363,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} does not exist.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file {path} is not valid YAML: {_yaml_problem(err)}.") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"Config file {path} is not valid YAML: {err}.") from None
+    except OSError as err:
+        raise ConfigError(f"Config file {path}: cannot read it ({err.strerror or err}).") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,19 @@ class DataError(ValueError):
     """Input data that cannot be used; the message names the source, row and field."""
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+
+
+def _decode(raw: bytes, where: str, unit: str) -> str:
+    """UTF-8 text of ``raw`` (a row or the whole file); bad bytes are an error naming where they are."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        place = f"byte {err.start}, line {line}" if unit == "file" else f"byte {err.start} of the {unit}"
+        raise DataError(f"{where}: cannot decode the {unit} as UTF-8 ({err.reason} at {place}). "
+                        "Save the file as UTF-8.") from None
 
 
 def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
@@ -37,9 +49,10 @@ def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
         return _read_hub_dataset(source, split)
     rows: list[dict[str, Any]] = []
     try:
-        with _open_text(path) as handle:
+        with _open_bytes(path) as handle:
             if ".jsonl" in path.name:
-                for line_no, line in enumerate(handle, 1):
+                for line_no, raw in enumerate(handle, 1):
+                    line = _decode(raw, f"{source}, row {line_no}", "row")
                     if not line.strip():
                         continue
                     try:
@@ -52,7 +65,8 @@ def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
                     row["_row"] = line_no
                     rows.append(row)
             else:
-                data = json.load(handle)
+                text = _decode(handle.read(), source, "file")
+                data = json.loads(text) if text.strip() else []
                 items = data.get("examples", data.get("data")) if isinstance(data, dict) else data
                 if not isinstance(items, list):
                     raise DataError(f"{source}: expected a list of rows (or an 'examples' list).")
@@ -60,9 +74,7 @@ def read_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
                     if not isinstance(row, dict):
                         raise DataError(f"{source}, row {i}: expected a JSON object, got {type(row).__name__}.")
                     rows.append({**row, "_row": i})
-    except UnicodeDecodeError as err:
-        raise DataError(f"{source}: cannot decode the file as UTF-8 ({err.reason} at byte {err.start}).") from None
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{source}: cannot read the file ({err}).") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{source}: not valid JSON ({err.msg}, line {err.lineno}).") from None
@@ -157,7 +169,11 @@ def encode_prompts(tokenizer, prompts: list[Prompt], max_length: int, source: st
     """Token ids per prompt; a prompt longer than ``max_length`` is an error naming it."""
     encoded = []
     for i, prompt in enumerate(prompts, 1):
-        ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        try:
+            text = render_prompt(tokenizer, prompt)
+        except DataError as err:
+            raise DataError(f"{source}, prompt {i}: {err}") from None
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise DataError(f"{source}, prompt {i}: empty after tokenization.")
         if len(ids) > max_length:

@@ -115,12 +115,18 @@ class PPOTrainer(BaseTrainer):
         self.scorer = RewardScorer(reward_model, reward_tokenizer, self.tokenizer)
         self.records = prompts if prompts is not None else load_prompts(config.dataset, "train", prompts_per_group,
                                                                         config.seed)
+        # Gold rewards need the task's own prompt records; prompts passed in carry no gold.
+        self.task = get_task(config.dataset) if prompts is None else None
         self.encoded = encode_prompts(self.tokenizer, [r["prompt"] for r in self.records],
                                       config.max_prompt_length, config.dataset)
         self.label_names = sorted({r["group"] for r in self.records})
         self.num_groups = len(self.label_names) if config.groups == "oracle" else config.num_groups
-        critic_source = config.critic or (config.reward_model if self.scorer.same_tokenizer else config.policy)
-        self.critic = (critic or Critic.from_backbone(critic_source, self.num_groups)).to(self.device)
+        if critic is None:
+            # As in TRL, the critic starts from the reward model; from the policy when their tokens differ.
+            source = reward_model if self.scorer.same_tokenizer else self.policy
+            critic = (Critic.from_backbone(config.critic, self.num_groups) if config.critic
+                      else Critic(copy.deepcopy(source.base_model), self.num_groups))
+        self.critic = critic.to(self.device)
         self.sampler = EpochSampler(len(self.records), config.seed)
         self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), config.learning_rate,
                                                         config.weight_decay, config.warmup_steps)
@@ -241,7 +247,7 @@ class PPOTrainer(BaseTrainer):
     def _domain_metrics(self, indices: list[int], rollout: Rollout, raw_scores: torch.Tensor,
                         kl_sum: torch.Tensor) -> dict[str, float]:
         """Per true domain (reporting only): score, KL and, where the task has one, gold reward."""
-        task = get_task(self.config.dataset)
+        task = self.task
         texts = decode_responses(self.tokenizer, rollout) if task is not None else None
         metrics: dict[str, float] = {}
         for name in self.label_names:

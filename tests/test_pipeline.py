@@ -1,0 +1,123 @@
+"""End to end on tiny settings: run directories, every method preset, eval.json, the Python API, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from gipo import PPOConfig, PPOTrainer, build_config
+from gipo.checkpoint import list_checkpoints, verify
+from gipo.cli import main
+from gipo.config import METHOD_PRESETS, EvalConfig
+from gipo.evaluation import evaluate_run
+from tests.conftest import QUIET
+
+TINY_PPO = {**QUIET, "max_steps": 2, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2, "max_new_tokens": 6,
+            "eval_prompts": 4, "checkpoint_every": 1}
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_and_reward_run_directories(tiny_pipeline):
+    for stage in ("sft", "rm"):
+        run_dir = tiny_pipeline[stage]
+        assert (run_dir / "config.yaml").exists()
+        rows = _metrics(run_dir)
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+        assert all("train/loss" in r for r in rows)
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        checkpoints = list_checkpoints(run_dir)
+        assert checkpoints and all(verify(c) is None for c in checkpoints)
+    AutoModelForCausalLM.from_pretrained(tiny_pipeline["sft"] / "final")
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_pipeline["rm"] / "final")
+    assert reward_model.config.num_labels == 1
+    report = json.loads((tiny_pipeline["rm"] / "eval.json").read_text())
+    assert set(report) == {"groups", "accuracy"}
+    assert set(report["groups"]) <= {"copy", "sort", "reverse", "add"}
+    assert all(0 <= g["accuracy"] <= 1 and g["n"] > 0 for g in report["groups"].values())
+
+
+@pytest.mark.parametrize("method", [m for m in METHOD_PRESETS if m != "custom"])
+def test_every_method_trains_and_logs(tiny_pipeline, tmp_path, method):
+    config = build_config(PPOConfig, {**TINY_PPO, "method": method, "policy": str(tiny_pipeline["sft"] / "final"),
+                                      "reward_model": str(tiny_pipeline["rm"] / "final")})
+    trainer = PPOTrainer(config, output_dir=tmp_path / method, prompts_per_group=8)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True))
+    rows = _metrics(tmp_path / method)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("objective/kl", "objective/scores", "objective/entropy", "policy/approxkl_avg",
+                "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "domain/gold/copy"):
+        assert key in rows[-1], key
+    if config.groups != "none":
+        m = trainer.num_groups
+        for key in ["groups/r_var", "groups/nmi"] + [f"groups/{k}/{g}" for k in ("mass", "return", "kl", "kl_coef")
+                                                     for g in range(m)]:
+            assert key in rows[-1], key
+        assert sum(rows[-1][f"groups/mass/{g}"] for g in range(m)) == pytest.approx(1.0, abs=1e-4)
+    if method == "ppo_no_kl":
+        assert rows[-1]["objective/kl_coef"] == 0.0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / method / "final")
+    assert torch.equal(next(loaded.parameters()), next(trainer.policy.parameters()).detach())
+    assert (tmp_path / method / "final" / "critic" / "critic_heads.safetensors").exists()
+
+
+def test_eval_json_shape(tiny_pipeline, tmp_path):
+    config = build_config(PPOConfig, {**TINY_PPO, "max_steps": 1, "policy": str(tiny_pipeline["sft"] / "final"),
+                                      "reward_model": str(tiny_pipeline["rm"] / "final")})
+    PPOTrainer(config, output_dir=tmp_path / "ppo", prompts_per_group=8).train()
+    report = evaluate_run(tmp_path / "ppo", EvalConfig(eval_prompts=3, max_new_tokens=6, device="cpu"))
+    assert json.loads((tmp_path / "ppo" / "eval.json").read_text()) == report
+    assert set(report) == {"groups", "worst_group", "ood"}
+    assert set(report["groups"]) == {"copy", "sort", "reverse", "add"}
+    for summary in [*report["groups"].values(), *report["ood"].values()]:
+        assert set(summary) == {"n", "reward", "gold", "kl", "length"}
+        assert 0.0 <= summary["gold"] <= 1.0 and summary["length"] >= 1
+    assert report["groups"]["copy"]["n"] == 3 and "long" in report["ood"]
+    worst = report["worst_group"]
+    assert worst["gold"] == min(g["gold"] for g in report["groups"].values())
+    assert report["groups"][worst["name"]]["gold"] == worst["gold"]
+
+
+def test_python_api_with_models_in_hand_and_chat_prompts(tiny_pipeline, tmp_path):
+    """A notebook user: models already loaded, prompts as chat conversations, no files but the output."""
+    sft_dir, rm_dir = tiny_pipeline["sft"] / "final", tiny_pipeline["rm"] / "final"
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    prompts = [{"prompt": [{"role": "user", "content": f"copy {w}="}], "group": "copy"} for w in ("abc", "ghij")]
+    prompts += [{"prompt": f"reverse {w}=", "group": "reverse"} for w in ("abc", "dcb")]
+    config = PPOConfig(**{**TINY_PPO, "batch_size": 4, "mini_batch_size": 2}, method="gipo")
+    trainer = PPOTrainer(config, policy=AutoModelForCausalLM.from_pretrained(sft_dir), tokenizer=tokenizer,
+                         reward_model=AutoModelForSequenceClassification.from_pretrained(rm_dir),
+                         reward_tokenizer=tokenizer, prompts=prompts, output_dir=tmp_path / "api")
+    rendered = tokenizer.apply_chat_template(prompts[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    assert trainer.encoded[0] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    trainer.train()
+    report = trainer.evaluate(n_per_group=2)
+    assert set(report["groups"]) == {"copy", "sort", "reverse", "add"}
+    trainer.save_pretrained(tmp_path / "saved")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+
+
+def test_cli_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--set", "max_steps=2", "--set", "sft.batch_size=8",
+                 "--set", "rm.num_pairs=40", "--set", "rm.batch_size=8", "--set", "ppo.batch_size=8",
+                 "--set", "ppo.mini_batch_size=4", "--set", "ppo.max_new_tokens=6", "--set", "eval_prompts=3",
+                 "--set", "progress=false", "--set", "device=cpu", "--set", "ppo.method=gipo"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "worst group" in printed and "gold sft" in printed
+    for stage in ("sft", "rm", "ppo"):
+        assert (out / stage / "final" / "config.json").exists()
+        assert (out / stage / "eval.json").exists()
+    assert (out / "ppo" / "training_curves.png").stat().st_size > 0
+    sft_eval, ppo_eval = (json.loads((out / s / "eval.json").read_text()) for s in ("sft", "ppo"))
+    assert sft_eval["groups"].keys() == ppo_eval["groups"].keys()
+    assert sft_eval["groups"]["add"]["reward"] is not None
+    assert "method: gipo" in (out / "ppo" / "config.yaml").read_text()
