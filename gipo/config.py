@@ -38,7 +38,7 @@ class RunConfig:
     """Settings every training command shares."""
 
     seed: int = option(0, "Random seed for Python, NumPy and torch.")
-    max_steps: int = option(200, "Training iterations (PPO) or optimizer steps (SFT, reward model).", min=1)
+    max_steps: int = option(200, "Training iterations (PPO) or optimizer steps (SFT, reward model).", min=1, result_affecting=False)
     learning_rate: float = option(1e-3, "Peak learning rate of AdamW.", min=0, min_exclusive=True)
     weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
     warmup_steps: int = option(0, "Linear warm-up steps before a constant learning rate.", min=0)
@@ -66,7 +66,7 @@ class SFTConfig(RunConfig):
     max_length: int = option(64, "Longest prompt + completion in tokens; longer rows are an error.", min=8)
     completion_only_loss: bool = option(True, "Train on completion tokens only, not the prompt.")
     eval_prompts: int = option(64, "Held-out prompts per group for `gipo eval`.", min=1)
-    max_steps: int = option(600, "Optimizer steps.", min=1)
+    max_steps: int = option(600, "Optimizer steps.", min=1, result_affecting=False)
     learning_rate: float = option(3e-3, "Peak learning rate of AdamW.", min=0, min_exclusive=True)
     warmup_steps: int = option(20, "Linear warm-up steps.", min=0)
 
@@ -85,7 +85,7 @@ class RewardConfig(RunConfig):
         0.1, "Bradley-Terry temperature of the simulated labeller: P(a > b) = sigmoid((gold_a - gold_b) / T).",
         min=0, min_exclusive=True)
     eval_fraction: float = option(0.15, "Share of pairs held out for accuracy.", min=0, max=0.9)
-    max_steps: int = option(500, "Optimizer steps.", min=1)
+    max_steps: int = option(500, "Optimizer steps.", min=1, result_affecting=False)
     learning_rate: float = option(1e-3, "Peak learning rate of AdamW.", min=0, min_exclusive=True)
     warmup_steps: int = option(20, "Linear warm-up steps.", min=0)
     center_rewards_coefficient: float = option(
@@ -128,7 +128,7 @@ class PPOConfig(RunConfig):
     batch_size: int = option(64, "Prompts per PPO iteration (rollout batch).", min=1)
     mini_batch_size: int = option(32, "Rollouts per optimizer step within an epoch.", min=1)
     ppo_epochs: int = option(4, "Passes over each rollout batch.", min=1)
-    max_steps: int = option(120, "PPO iterations.", min=1)
+    max_steps: int = option(120, "PPO iterations.", min=1, result_affecting=False)
     learning_rate: float = option(5e-4, "Policy learning rate.", min=0, min_exclusive=True)
     critic_learning_rate: float = option(1e-3, "Critic learning rate.", min=0, min_exclusive=True)
     max_prompt_length: int = option(48, "Longest prompt in tokens; longer prompts are an error.", min=1)

@@ -112,6 +112,8 @@ def rank_weights(group_returns: torch.Tensor) -> torch.Tensor:
     At M = 2 this is the indicator of g_high, so the per-sample coefficient is p(g_high | x, y).
     """
     m = group_returns.shape[0]
+    if m == 1:
+        return torch.ones_like(group_returns)
     ranks = torch.empty_like(group_returns)
     ranks[torch.argsort(group_returns, descending=True)] = torch.arange(m, dtype=group_returns.dtype,
                                                                          device=group_returns.device)

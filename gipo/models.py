@@ -74,8 +74,16 @@ def _check_path(name: str) -> None:
     looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
     if looks_local and not path.exists():
         raise ModelLoadError(f"Model path {name} does not exist.")
+    if path.is_file():
+        raise ModelLoadError(f"{name} is a file; a model is a folder (with config.json and the weights, as "
+                             "save_pretrained writes it) or a hub id.")
     if path.is_dir() and not (path / "config.json").exists():
         raise ModelLoadError(f"{name} is a folder but not a model: it has no config.json.")
+
+
+def _reason(err: Exception) -> str:
+    """The library's message as one paragraph."""
+    return " ".join(str(err).split())
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
@@ -85,7 +93,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"Cannot load a tokenizer from {name}: {err}") from None
+        files = ("tokenizer.json", "tokenizer_config.json")
+        if Path(name).is_dir() and not any((Path(name) / f).exists() for f in files):
+            raise ModelLoadError(f"Cannot load a tokenizer from {name}: the folder has no tokenizer (no "
+                                 "tokenizer.json or tokenizer_config.json). Save one there with "
+                                 "tokenizer.save_pretrained.") from None
+        raise ModelLoadError(f"Cannot load a tokenizer from {name}: {_reason(err)}") from None
     if tokenizer.pad_token is None:
         raise ModelLoadError(
             f"The tokenizer of {name} has no pad token. Set one that differs from EOS (an unused special "
@@ -100,7 +113,7 @@ def load_causal_lm(name: str, seed: int = 0, trust_remote_code: bool = False) ->
     try:
         return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"Cannot load a causal LM from {name}: {err}") from None
+        raise ModelLoadError(f"Cannot load a causal LM from {name}: {_reason(err)}") from None
 
 
 def load_reward_model(name: str, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -110,7 +123,7 @@ def load_reward_model(name: str, trust_remote_code: bool = False) -> PreTrainedM
         model = AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=1, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"Cannot load a reward model from {name}: {err}") from None
+        raise ModelLoadError(f"Cannot load a reward model from {name}: {_reason(err)}") from None
     if model.config.pad_token_id is None:
         raise ModelLoadError(f"Reward model {name} has no pad_token_id in its config; it cannot find the "
                              "last token of a padded sequence.")
@@ -155,7 +168,7 @@ class Critic(nn.Module):
         try:
             backbone = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=torch.float32)
         except (OSError, ValueError) as err:
-            raise ModelLoadError(f"Cannot load a critic backbone from {name}: {err}") from None
+            raise ModelLoadError(f"Cannot load a critic backbone from {name}: {_reason(err)}") from None
         critic = cls(backbone, num_groups)
         if heads.exists():
             critic.load_heads(heads)

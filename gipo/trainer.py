@@ -138,6 +138,8 @@ class BaseTrainer:
 
     def _prepare_run_dir(self, resume: bool) -> Path | None:
         out = self.output_dir
+        if out.exists() and not out.is_dir():
+            raise RunDirError(f"Run directory {out} is a file; give --out a folder.")
         if out.exists() and not os.access(out, os.W_OK):
             raise RunDirError(f"Run directory {out} is not writable.")
         started = out.exists() and any((out / n).exists() for n in ("config.yaml", "metrics.jsonl", "checkpoints"))

@@ -34,6 +34,15 @@ def t(values) -> torch.Tensor:
     return torch.tensor(values, dtype=D)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead, and on a busy machine a lot of it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- soft group statistics
 
 
@@ -211,10 +220,9 @@ def test_rank_weights_linear_in_rank():
     assert_close(rank_weights(t([4.0, 1.0, 3.0, 2.0])), t([1.0, 0.0, 2 / 3, 1 / 3]))
 
 
-@pytest.mark.xfail(reason="rank_weights divides by M - 1, so one group (M = 1, e.g. oracle groups with a "
-                          "single label) gives 0/0 = nan", strict=True)
-def test_rank_weights_single_group_is_finite():
-    assert torch.isfinite(rank_weights(t([0.3]))).all()
+def test_rank_weights_single_group_is_one():
+    # M = 1 (oracle groups on single-label data): no rank to weigh by, the full coefficient.
+    assert_close(rank_weights(t([0.3])), t([1.0]))
 
 
 def test_adaptive_kl_two_groups_is_eta_times_p_high():
@@ -350,29 +358,41 @@ def test_group_head_ascent_step_raises_violation(kind):
     assert after > before.detach() * 1.01
 
 
-@pytest.mark.parametrize("kind", ["unweighted", "mass"])
-def test_policy_descent_step_lowers_group_loss_variance(kind):
+def variance_after_one_step(kind: str, beta: float) -> tuple[float, float]:
+    """Group-loss variance before and after one SGD step on a tiny linear model's squared errors."""
     torch.manual_seed(0)
     features, targets = torch.randn(32, 3), torch.randn(32)
     targets[:16] += 3.0  # the first half has larger losses at the start
-    probs = torch.softmax(3.0 * torch.randn(32, 2), -1)  # soft and fixed
-    probs[:16] = probs[:16].flip(-1).sort(-1).values  # tie the first half mostly to group 1
+    # soft and fixed: the first half leans to group 1, the second to group 0
+    logits = torch.randn(32, 2)
+    logits[:16, 1] += 2.0
+    logits[16:, 0] += 2.0
+    probs = torch.softmax(logits, -1)
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def spread() -> tuple[torch.Tensor, torch.Tensor]:
         losses = (model(features).squeeze(-1) - targets) ** 2
-        loss, group_losses = group_objective_loss(losses, probs, "variance", beta=10.0, kind=kind)
+        loss, group_losses = group_objective_loss(losses, probs, "variance", beta=beta, kind=kind)
         return loss, group_variance(group_losses, group_masses(probs), kind)
 
     loss, before = spread()
-    assert before > 0.5
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
     with torch.no_grad():
         _, after = spread()
-    assert after < before.detach() * 0.99
+    return before.item(), after.item()
+
+
+@pytest.mark.parametrize("kind", ["unweighted", "mass"])
+def test_policy_descent_step_lowers_group_loss_variance(kind):
+    before, after = variance_after_one_step(kind, beta=10.0)
+    assert before > 0.5
+    assert after < 0.5 * before
+    # the variance term does the work: the same step on the plain mean (beta 0) leaves more of the spread.
+    _, after_plain = variance_after_one_step(kind, beta=0.0)
+    assert after < 0.5 * after_plain
 
 
 # ----------------------------------------------------------------------------- recovering hidden domains
@@ -390,6 +410,8 @@ def test_group_head_recovers_hidden_domains(kind):
     returns = domain.float() + 0.5 * torch.randn(n, generator=gen)
     torch.manual_seed(1)
     head = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        head.weight[:, 0] = 0.0  # start blind to the domain feature: any agreement must be learned
     optimizer = torch.optim.Adam(head.parameters(), lr=0.05)
     start = normalized_mutual_information(head(features).argmax(-1), domain)
     for _ in range(200):
@@ -399,7 +421,7 @@ def test_group_head_recovers_hidden_domains(kind):
         optimizer.step()
     with torch.no_grad():
         probs = torch.softmax(head(features), -1)
-    assert start < 0.5
+    assert start < 0.1
     assert normalized_mutual_information(probs.argmax(-1), domain) > 0.8
     # both groups keep a real share of the batch
     assert group_masses(probs).min() > 0.3
