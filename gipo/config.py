@@ -66,7 +66,7 @@ class SFTConfig(RunConfig):
     max_length: int = option(64, "Longest prompt + completion in tokens; longer rows are an error.", min=8)
     completion_only_loss: bool = option(True, "Train on completion tokens only, not the prompt.")
     eval_prompts: int = option(64, "Held-out prompts per group for `gipo eval`.", min=1)
-    max_steps: int = option(600, "Optimizer steps.", min=1, result_affecting=False)
+    max_steps: int = option(1000, "Optimizer steps.", min=1, result_affecting=False)
     learning_rate: float = option(3e-3, "Peak learning rate of AdamW.", min=0, min_exclusive=True)
     warmup_steps: int = option(20, "Linear warm-up steps.", min=0)
 
@@ -80,13 +80,13 @@ class RewardConfig(RunConfig):
                           "labelled by the gold reward), or a file / dataset id with prompt/chosen/rejected.")
     batch_size: int = option(64, "Pairs per optimizer step.", min=1)
     max_length: int = option(64, "Longest prompt + response in tokens.", min=8)
-    num_pairs: int = option(2400, "Pairs to sample when the dataset is a task.", min=10)
+    num_pairs: int = option(16000, "Pairs to sample when the dataset is a task.", min=10)
     label_noise_temperature: float = option(
-        0.1, "Bradley-Terry temperature of the simulated labeller: P(a > b) = sigmoid((gold_a - gold_b) / T).",
+        0.05, "Bradley-Terry temperature of the simulated labeller: P(a > b) = sigmoid((gold_a - gold_b) / T).",
         min=0, min_exclusive=True)
     eval_fraction: float = option(0.15, "Share of pairs held out for accuracy.", min=0, max=0.9)
-    max_steps: int = option(500, "Optimizer steps.", min=1, result_affecting=False)
-    learning_rate: float = option(1e-3, "Peak learning rate of AdamW.", min=0, min_exclusive=True)
+    max_steps: int = option(1000, "Optimizer steps.", min=1, result_affecting=False)
+    learning_rate: float = option(3e-4, "Peak learning rate of AdamW.", min=0, min_exclusive=True)
     warmup_steps: int = option(20, "Linear warm-up steps.", min=0)
     center_rewards_coefficient: float = option(
         0.01, "Penalty on the squared score, keeping scores near zero (as TRL's RewardTrainer).", min=0)
