@@ -217,6 +217,9 @@ class PPOConfig(RunConfig):
         if self.group_objective != "none" and self.groups == "none":
             raise ConfigError(f"PPOConfig: group_objective={self.group_objective} needs groups: set groups to "
                               "inferred or oracle.")
+        if self.min_group_mass * self.num_groups > 1:
+            raise ConfigError(f"PPOConfig: min_group_mass={self.min_group_mass} cannot hold for num_groups="
+                              f"{self.num_groups} groups (at most 1/num_groups).")
         if self.group_kl and self.groups == "none":
             raise ConfigError("PPOConfig: group_kl needs groups: set groups to inferred or oracle.")
 

@@ -357,6 +357,9 @@ class PPOTrainer(BaseTrainer):
         })
         return stats
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer, self.critic_optimizer]
+
     # --- evaluation and state -----------------------------------------------------------------------------
     def evaluate(self, n_per_group: int | None = None) -> dict[str, Any]:
         """The ``eval.json`` report of the current policy (held-out prompts, OOD splits)."""

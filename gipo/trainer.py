@@ -27,9 +27,9 @@ class NonFiniteError(FloatingPointError):
     """NaN or inf in a quantity the run would train on."""
 
     def __init__(self, quantity: str, step: int):
-        super().__init__(f"Step {step}: {quantity} contains NaN or inf. Nothing from this step was applied. "
-                         "Lower the learning rate, check the reward model and data, or set "
-                         "on_nonfinite=skip to skip such batches.")
+        super().__init__(f"Step {step}: {quantity} contains NaN or inf; the run stopped before training on it "
+                         "(the last checkpoint is intact). Lower the learning rate, check the reward model and "
+                         "data, or set on_nonfinite=skip to skip such batches.")
         self.quantity, self.step = quantity, step
 
 
@@ -113,6 +113,9 @@ class BaseTrainer:
 
     def on_train_end(self) -> None:
         """Work after the final model is saved (e.g. evaluation)."""
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
 
     def micro_batches(self, indices: list[int]) -> list[list[int]]:
         """Split a batch for gradient accumulation."""
@@ -203,6 +206,8 @@ class BaseTrainer:
                 except NonFiniteError as err:
                     if self.config.on_nonfinite == "stop":
                         raise
+                    for optimizer in self.optimizers():
+                        optimizer.zero_grad(set_to_none=True)
                     self.skipped_batches += 1
                     metrics = {"nonfinite/last_quantity_skipped": err.quantity}
                 metrics["nonfinite/skipped_batches"] = self.skipped_batches
