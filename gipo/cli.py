@@ -10,12 +10,21 @@ import sys
 from pathlib import Path
 
 from gipo.checkpoint import CheckpointError
-from gipo.config import ConfigError, EvalConfig, PPOConfig, RewardConfig, SFTConfig, describe, load_config
+from gipo.config import (
+    ConfigError,
+    DPOConfig,
+    EvalConfig,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    describe,
+    load_config,
+)
 from gipo.data import DataError
 from gipo.models import ModelLoadError
 from gipo.trainer import NonFiniteError, RunDirError
 
-STAGES = {"sft": SFTConfig, "rm": RewardConfig, "train": PPOConfig}
+STAGES = {"sft": SFTConfig, "rm": RewardConfig, "train": PPOConfig, "dpo": DPOConfig}
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RunDirError, CheckpointError, NonFiniteError)
 
 
@@ -42,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     about = {"sft": "Supervised fine-tuning on demonstrations.",
              "rm": "Train a Bradley-Terry reward model on preference pairs.",
-             "train": "PPO (or a group method: --set method=gipo) against a reward model."}
+             "train": "PPO (or a group method: --set method=gipo) against a reward model.",
+             "dpo": "DPO on preference pairs (a baseline for the RL methods)."}
     for name, cls in STAGES.items():
         sub = commands.add_parser(name, help=about[name], description=f"{about[name]}\n\nConfig keys:\n{describe(cls)}",
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,12 +92,13 @@ def _stage_overrides(overrides: list[str]) -> dict[str, list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     if args.command in STAGES:
+        from gipo.dpo import DPOTrainer
         from gipo.ppo import PPOTrainer
         from gipo.reward import RewardTrainer
         from gipo.sft import SFTTrainer
 
         config = load_config(STAGES[args.command], args.config, args.overrides)
-        trainer_cls = {"sft": SFTTrainer, "rm": RewardTrainer, "train": PPOTrainer}[args.command]
+        trainer_cls = {"sft": SFTTrainer, "rm": RewardTrainer, "train": PPOTrainer, "dpo": DPOTrainer}[args.command]
         trainer_cls(config, output_dir=args.out, overwrite=args.overwrite).train(resume=args.resume)
         print(f"Done: {Path(args.out) / 'final'}")
     elif args.command == "eval":

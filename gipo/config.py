@@ -92,6 +92,29 @@ class RewardConfig(RunConfig):
         0.01, "Penalty on the squared score, keeping scores near zero (as TRL's RewardTrainer).", min=0)
 
 
+@dataclass
+class DPOConfig(RunConfig):
+    """Direct Preference Optimization (Rafailov et al., 2023) on the same preference pairs, as a baseline."""
+
+    model: str = option("runs/demo/sft/final", "Policy to start from (and the frozen reference).")
+    dataset: str = option("builtin", "Preference pairs: a file or dataset id with prompt/chosen/rejected "
+                          "(e.g. a reward-model run's pairs.jsonl), or a task name (pairs sampled as for `gipo rm`).")
+    beta: float = option(0.1, "DPO temperature: strength of the implicit KL to the reference.", min=0,
+                         min_exclusive=True)
+    batch_size: int = option(64, "Pairs per optimizer step.", min=1)
+    max_length: int = option(64, "Longest prompt + response in tokens.", min=8)
+    num_pairs: int = option(16000, "Pairs to sample when the dataset is a task.", min=10)
+    label_noise_temperature: float = option(0.05, "As for `gipo rm`, when pairs are sampled.", min=0,
+                                            min_exclusive=True)
+    max_steps: int = option(300, "Optimizer steps.", min=1, result_affecting=False)
+    learning_rate: float = option(1e-4, "Peak learning rate of AdamW.", min=0, min_exclusive=True)
+    warmup_steps: int = option(10, "Linear warm-up steps.", min=0)
+    eval_every: int = option(0, "Evaluate gold reward on held-out prompts every N steps (0 = off).", min=0)
+    eval_prompts: int = option(64, "Held-out prompts per group for evaluation.", min=1)
+    eval_dataset: str | None = option(None, "Prompts to evaluate on (default: `dataset`; set it when `dataset` "
+                                      "is a pairs file, e.g. builtin).")
+
+
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "ppo": {"_about": "plain PPO", "groups": "none", "group_objective": "none", "group_kl": False},
     "ppo_no_kl": {"_about": "PPO without KL penalty", "groups": "none", "group_objective": "none",
@@ -129,7 +152,7 @@ class PPOConfig(RunConfig):
     mini_batch_size: int = option(32, "Rollouts per optimizer step within an epoch.", min=1)
     ppo_epochs: int = option(4, "Passes over each rollout batch.", min=1)
     max_steps: int = option(120, "PPO iterations.", min=1, result_affecting=False)
-    learning_rate: float = option(5e-4, "Policy learning rate.", min=0, min_exclusive=True)
+    learning_rate: float = option(1e-4, "Policy learning rate.", min=0, min_exclusive=True)
     critic_learning_rate: float = option(1e-3, "Critic learning rate.", min=0, min_exclusive=True)
     max_prompt_length: int = option(48, "Longest prompt in tokens; longer prompts are an error.", min=1)
     # Sampling
@@ -179,7 +202,8 @@ class PPOConfig(RunConfig):
     group_objective: str = option("none", "Policy objective across groups: none (PPO), variance (PPO + "
                                   "beta_policy * R_var, the paper), macro_mean, dro.",
                                   choices=("none", "variance", "macro_mean", "dro"))
-    beta_policy: float = option(1.0, "Weight of R_var in the policy loss.", min=0)
+    beta_policy: float = option(0.1, "Weight of R_var in the policy loss (0.1: at 1 the variance of a small "
+                                "group's loss dominated PPO's and wrecked the easy domains, docs/method.md).", min=0)
     beta_critic: float = option(1.0, "Weight of R_var (maximized) in the critic loss (the paper: 1).", min=0)
     dro_step_size: float = option(0.0, "Group DRO: 0 takes the worst group's loss; > 0 uses exponentiated-"
                                   "gradient group weights with this step size.", min=0)

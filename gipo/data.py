@@ -94,7 +94,8 @@ def _read_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
     return [{**row, "_row": i} for i, row in enumerate(dataset, 1)]
 
 
-def _field(row: dict[str, Any], name: str, source: str, kinds: tuple[type, ...] = (str,)) -> Any:
+def _field(row: dict[str, Any], name: str, source: str, kinds: tuple[type, ...] = (str,),
+           allow_empty: bool = False) -> Any:
     where = f"{source}, row {row.get('_row', '?')}"
     if name not in row or row[name] is None:
         raise DataError(f"{where}: missing field '{name}'.")
@@ -102,7 +103,7 @@ def _field(row: dict[str, Any], name: str, source: str, kinds: tuple[type, ...] 
     if not isinstance(value, kinds):
         raise DataError(f"{where}: field '{name}' must be {' or '.join(k.__name__ for k in kinds)}, "
                         f"got {type(value).__name__}.")
-    if isinstance(value, str | list) and len(value) == 0:
+    if isinstance(value, str | list) and len(value) == 0 and not allow_empty:
         raise DataError(f"{where}: field '{name}' is empty.")
     if isinstance(value, list):
         for turn in value:
@@ -152,8 +153,8 @@ def load_sft_examples(spec: str, n_per_group: int, seed: int) -> list[dict[str, 
 def load_preference_pairs(spec: str) -> list[dict[str, Any]]:
     """``{"prompt", "chosen", "rejected", "group"}`` rows from a file or dataset id."""
     rows = read_rows(spec)
-    return [{"prompt": _field(r, "prompt", spec, (str, list)), "chosen": _field(r, "chosen", spec),
-             "rejected": _field(r, "rejected", spec), "group": str(r.get("group") or "all")} for r in rows]
+    return [{"prompt": _field(r, "prompt", spec, (str, list)), "chosen": _field(r, "chosen", spec, allow_empty=True),
+             "rejected": _field(r, "rejected", spec, allow_empty=True), "group": str(r.get("group") or "all")} for r in rows]
 
 
 def render_prompt(tokenizer, prompt: Prompt) -> str:

@@ -128,6 +128,8 @@ def evaluate_policy(policy, tokenizer, dataset: str, *, n_per_group: int, settin
 def detect_stage(run_config: dict[str, Any]) -> str:
     if "policy" in run_config:
         return "ppo"
+    if "beta" in run_config:
+        return "dpo"
     return "rm" if "num_pairs" in run_config else "sft"
 
 
@@ -143,8 +145,8 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
         raise ConfigError(f"{run_dir} is a reward-model run; `gipo rm` writes its eval.json (pairwise accuracy). "
                           "gipo eval evaluates policies.")
     policy_path = config.policy or str(run_dir / "final")
-    reference_path = config.reference or (run_config.get("reference") or run_config["policy"] if stage == "ppo"
-                                          else policy_path)
+    start = {"ppo": run_config.get("reference") or run_config.get("policy"), "dpo": run_config.get("model")}
+    reference_path = config.reference or start.get(stage) or policy_path
     reward_path = config.reward_model or run_config.get("reward_model")
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(policy_path)
@@ -154,7 +156,8 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
     if reward_path:
         scorer = RewardScorer(load_reward_model(reward_path).to(device), load_tokenizer(reward_path), tokenizer)
     settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
-    report = evaluate_policy(policy, tokenizer, config.dataset or run_config["dataset"],
+    dataset = config.dataset or run_config.get("eval_dataset") or run_config["dataset"]
+    report = evaluate_policy(policy, tokenizer, dataset,
                              n_per_group=config.eval_prompts, settings=settings, reference=reference, scorer=scorer,
                              batch_size=config.batch_size, seed=config.seed, device=device,
                              max_prompt_length=run_config.get("max_prompt_length", 512))

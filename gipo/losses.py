@@ -137,3 +137,13 @@ def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor,
     if center_coef:
         loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
     return loss
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO: -log sigmoid(beta * ((log pi_c - log ref_c) - (log pi_r - log ref_r))), on sequence log-probs (B,).
+
+    Returns the mean loss and the per-pair implicit reward margin.
+    """
+    margin = beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps))
+    return -F.logsigmoid(margin).mean(), margin.detach()

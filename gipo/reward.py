@@ -64,6 +64,21 @@ def sample_preference_pairs(policy, tokenizer, task: Task, num_pairs: int, noise
     return pairs
 
 
+def load_or_sample_pairs(dataset: str, tokenizer, policy_path: str, num_pairs: int, noise_temperature: float,
+                         seed: int, device: torch.device, out_dir: Path) -> list[dict[str, Any]]:
+    """Pairs from a file or dataset id; for a task, sampled from ``policy_path`` and saved to ``out_dir/pairs.jsonl``."""
+    task = get_task(dataset)
+    if task is None:
+        return load_preference_pairs(dataset)
+    policy = load_causal_lm(policy_path).to(device)
+    pairs = sample_preference_pairs(policy, tokenizer, task, num_pairs, noise_temperature, seed, SamplingSettings(),
+                                    device=device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "pairs.jsonl").open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(p) + "\n" for p in pairs)
+    return pairs
+
+
 def encode_pairs(tokenizer, pairs: list[dict[str, Any]], max_length: int, source: str) -> list[tuple[list[int], list[int]]]:
     encoded = []
     for i, pair in enumerate(pairs, 1):
@@ -97,7 +112,8 @@ class RewardTrainer(BaseTrainer):
         super().__init__(config, output_dir, overwrite=overwrite)
         self.tokenizer = tokenizer or load_tokenizer(config.model)
         if pairs is None:
-            pairs = self._load_pairs(config)
+            pairs = load_or_sample_pairs(config.dataset, self.tokenizer, config.model, config.num_pairs,
+                                         config.label_noise_temperature, config.seed, self.device, self.output_dir)
         self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
         if not self.train_pairs:
             raise DataError(f"{config.dataset}: no preference pairs left to train on.")
@@ -106,19 +122,6 @@ class RewardTrainer(BaseTrainer):
         self.sampler = EpochSampler(len(self.encoded), config.seed)
         self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), config.learning_rate,
                                                         config.weight_decay, config.warmup_steps)
-
-    def _load_pairs(self, config: RewardConfig) -> list[dict[str, Any]]:
-        task = get_task(config.dataset)
-        if task is None:
-            return load_preference_pairs(config.dataset)
-        policy = load_causal_lm(config.model).to(self.device)
-        pairs = sample_preference_pairs(policy, self.tokenizer, task, config.num_pairs,
-                                        config.label_noise_temperature, config.seed, SamplingSettings(),
-                                        device=self.device)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with (self.output_dir / "pairs.jsonl").open("w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(p) + "\n" for p in pairs)
-        return pairs
 
     def _scores(self, encoded: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = pad_right([c for c, _ in encoded] + [r for _, r in encoded], self.tokenizer.pad_token_id)
