@@ -11,14 +11,18 @@ from pathlib import Path
 
 from gipo.checkpoint import CheckpointError
 from gipo.config import (
+    METHOD_PRESETS,
     ConfigError,
     DPOConfig,
     EvalConfig,
     PPOConfig,
     RewardConfig,
     SFTConfig,
+    build_config,
     describe,
     load_config,
+    parse_overrides,
+    read_yaml,
 )
 from gipo.data import DataError
 from gipo.models import ModelLoadError
@@ -68,13 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the whole pipeline into OUT/sft, OUT/rm, OUT/ppo and prints per-domain results. "
         "--set KEY=VALUE goes to every stage that has KEY; prefix it (sft.KEY, rm.KEY, ppo.KEY) for one stage.")
     _add_run_flags(demo, "runs/demo")
+    compare = commands.add_parser(
+        "compare", help="Train methods side by side over seeds; write summary.json, report.md, report.html.",
+        description="Every method on every seed with the same budget (SFT and the reward model trained once per "
+        "seed and shared). Finished runs are reused and unfinished ones resumed, so a killed compare continues. "
+        "CONFIG (optional) is YAML with sections sft, rm, ppo, dpo; --set KEY=VALUE goes to every stage with KEY, "
+        "or to one with a prefix (ppo.KEY).")
+    compare.add_argument("config", nargs="?", help="YAML with optional sections sft, rm, ppo, dpo.")
+    compare.add_argument("--methods", default="ppo,gipo", help="Comma-separated: "
+                         + ", ".join(m for m in METHOD_PRESETS if m != "custom") + ", dpo (default: ppo,gipo).")
+    compare.add_argument("--seeds", type=int, default=3, help="Seeds per method (default 3).")
+    compare.add_argument("--sweep", metavar="KEY=V1,V2,...", help="Run each PPO-family method once per value.")
+    compare.add_argument("--quick", action="store_true", help="A small budget that finishes in minutes.")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    compare.add_argument("--out", default="runs/compare", help="Output folder (default: runs/compare).")
     return parser
 
 
-def _stage_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    """Route demo overrides: ``ppo.kl_coef=0.1`` to one stage, ``max_steps=5`` to every stage with the key."""
-    routed: dict[str, list[str]] = {"sft": [], "rm": [], "ppo": []}
-    fields = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
+def _stage_overrides(overrides: list[str], fields: dict[str, type] | None = None) -> dict[str, list[str]]:
+    """Route overrides: ``ppo.kl_coef=0.1`` to one stage, ``max_steps=5`` to every stage with the key."""
+    fields = fields or {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
+    routed: dict[str, list[str]] = {name: [] for name in fields}
     for pair in overrides:
         key = pair.split("=", 1)[0]
         stage, _, bare = key.partition(".")
@@ -83,8 +101,8 @@ def _stage_overrides(overrides: list[str]) -> dict[str, list[str]]:
             continue
         targets = [s for s, cls in fields.items() if key in {f.name for f in dataclasses.fields(cls)}]
         if not targets:
-            raise ConfigError(f"--set {key}: no stage of the demo has this key (sft, rm and ppo keys: see "
-                              "`gipo sft --help`, `gipo rm --help`, `gipo train --help`).")
+            raise ConfigError(f"--set {key}: no stage has this key ({', '.join(fields)}; see `gipo sft --help`, "
+                              "`gipo rm --help`, `gipo train --help`, `gipo dpo --help`).")
         for stage_name in targets:
             routed[stage_name].append(pair)
     return routed
@@ -114,7 +132,37 @@ def run(args: argparse.Namespace) -> int:
                    for name, cls in (("sft", SFTConfig), ("rm", RewardConfig), ("ppo", PPOConfig))}
         run_pipeline(args.out, configs["sft"], configs["rm"], configs["ppo"], overwrite=args.overwrite,
                      resume=args.resume)
+    elif args.command == "compare":
+        run_compare_command(args)
     return 0
+
+
+def run_compare_command(args: argparse.Namespace) -> None:
+    from gipo.compare import run_compare
+
+    stages = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}
+    sections = read_yaml(args.config) if args.config else {}
+    unknown = set(sections) - set(stages)
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown sections {', '.join(sorted(unknown))}; allowed: sft, rm, ppo, dpo.")
+    routed = _stage_overrides(args.overrides, stages)
+    overrides = {name: {**(sections.get(name) or {}), **parse_overrides(routed[name])} for name in stages}
+    for name, cls in stages.items():  # validate now, not after an hour of training
+        build_config(cls, {k: v for k, v in overrides[name].items() if k != "method"}, source=f"compare {name}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    allowed = [m for m in METHOD_PRESETS if m != "custom"] + ["dpo"]
+    bad = [m for m in methods if m not in allowed]
+    if bad or not methods:
+        raise ConfigError(f"--methods: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(allowed)}.")
+    sweep = None
+    if args.sweep:
+        key, _, values = args.sweep.partition("=")
+        if key not in {f.name for f in dataclasses.fields(PPOConfig)} or not values:
+            raise ConfigError(f"--sweep {args.sweep}: expected KEY=V1,V2 with a PPO config key.")
+        sweep = (key, [parse_overrides([f"{key}={v}"])[key] for v in values.split(",")])
+    if args.seeds < 1:
+        raise ConfigError("--seeds must be at least 1.")
+    run_compare(args.out, methods, args.seeds, overrides, sweep=sweep, quick=args.quick)
 
 
 def main(argv: list[str] | None = None) -> int:

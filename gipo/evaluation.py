@@ -115,13 +115,21 @@ def evaluation_prompts(dataset: str, n_per_group: int) -> tuple[list[PromptRecor
 
 def evaluate_policy(policy, tokenizer, dataset: str, *, n_per_group: int, settings: SamplingSettings,
                     reference=None, scorer: RewardScorer | None = None, batch_size: int = 128,
-                    max_prompt_length: int = 512, seed: int = 1234,
-                    device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The ``eval.json`` report for ``policy`` on ``dataset``'s held-out prompts and OOD splits."""
+                    max_prompt_length: int = 512, seed: int = 1234, device: torch.device | str = "cpu",
+                    rows_path: Path | None = None) -> dict[str, Any]:
+    """The ``eval.json`` report for ``policy`` on ``dataset``'s held-out prompts and OOD splits.
+
+    With ``rows_path``, every held-out prompt's response and scores are written there (JSON lines, in a
+    fixed prompt order, so two runs' files compare prompt by prompt).
+    """
     test, ood, gold = evaluation_prompts(dataset, n_per_group)
     kwargs = dict(settings=settings, reference=reference, scorer=scorer, gold_reward=gold, batch_size=batch_size,
                   max_prompt_length=max_prompt_length, seed=seed, device=device)
-    return build_report(score_prompts(policy, tokenizer, test, **kwargs),
+    test_rows = score_prompts(policy, tokenizer, test, **kwargs)
+    if rows_path is not None:
+        rows_path.write_text("".join(json.dumps({"prompt": str(r["prompt"]), **row}) + "\n"
+                                     for r, row in zip(test, test_rows, strict=True)), encoding="utf-8")
+    return build_report(test_rows,
                         {split: score_prompts(policy, tokenizer, rows, **kwargs) for split, rows in ood.items()})
 
 
@@ -134,7 +142,10 @@ def detect_stage(run_config: dict[str, Any]) -> str:
 
 
 def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
-    """Evaluate ``run_dir/final`` as its config describes (overridden by ``config``); writes ``eval.json``."""
+    """Evaluate ``run_dir/final`` as its config describes (overridden by ``config``).
+
+    Writes ``eval.json`` and ``eval_rows.jsonl`` (each held-out prompt's response, reward, gold, KL).
+    """
     from gipo.models import load_causal_lm, load_reward_model, load_tokenizer
     from gipo.trainer import resolve_device
 
@@ -160,6 +171,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
     report = evaluate_policy(policy, tokenizer, dataset,
                              n_per_group=config.eval_prompts, settings=settings, reference=reference, scorer=scorer,
                              batch_size=config.batch_size, seed=config.seed, device=device,
-                             max_prompt_length=run_config.get("max_prompt_length", 512))
+                             max_prompt_length=run_config.get("max_prompt_length", 512),
+                             rows_path=run_dir / "eval_rows.jsonl")
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -85,3 +86,178 @@ def plot_training(run_dir: str | Path, out_path: str | Path | None = None, title
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def _cell(figure: dict[str, Any] | None) -> str:
+    if not figure or figure.get("mean") is None:
+        return "-"
+    ci = figure.get("ci95")
+    return f"{figure['mean']:.3f}" + (f" ± {ci:.3f}" if ci is not None else "")
+
+
+def compare_tables(summary: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """The report's tables as (header, rows), shared by the Markdown and HTML reports."""
+    methods = summary["methods"]
+    first = next(iter(methods.values()))
+    groups, splits = list(first["groups"]), list(first["ood"])
+    main_header = ["method", "worst domain gold", "spread gold", *[f"{g} gold" for g in groups],
+                   *[f"OOD {s} gold" for s in splits], "KL", "max gold drop", "proxy-gold gap"]
+    main_rows = [[name, _cell(m["worst_group_gold"]), _cell(m["spread_gold"]),
+                  *[_cell(m["groups"][g]["gold"]) for g in groups], *[_cell(m["ood"][s]["gold"]) for s in splits],
+                  _cell(m["kl"]), _cell(m["max_gold_drop"]), _cell(m["proxy_gold_gap"])]
+                 for name, m in methods.items()]
+    proxy_header = ["method", *[f"{g} reward" for g in groups], *[f"OOD {s} reward" for s in splits]]
+    proxy_rows = [[name, *[_cell(m["groups"][g]["reward"]) for g in groups],
+                   *[_cell(m["ood"][s]["reward"]) for s in splits]] for name, m in methods.items()]
+    win_header = ["A vs B", "A wins", "tie", "B wins", "judge"]
+    win_rows = [[pair.replace("_vs_", " vs "), f"{w['win']:.2f}", f"{w['tie']:.2f}", f"{w['lose']:.2f}", w["judge"]]
+                for pair, w in summary["win_rates"].items()]
+    return {"Gold reward on held-out prompts (mean ± 95% CI over seeds)": (main_header, main_rows),
+            "Proxy (reward-model) score": (proxy_header, proxy_rows),
+            "Win rates on the same held-out prompts": (win_header, win_rows)}
+
+
+def _run_curves(out: Path, name: str, seeds: int, prefix: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Per key under ``prefix``: steps and the mean over seeds (steps every seed logged)."""
+    by_key: dict[str, dict[int, list[float]]] = {}
+    for seed in range(seeds):
+        for row in read_metrics(out / f"seed-{seed}" / name / "metrics.jsonl"):
+            for key, value in row.items():
+                if key.startswith(prefix) and isinstance(value, float):
+                    by_key.setdefault(key[len(prefix):], {}).setdefault(row["step"], []).append(value)
+    return {key: (sorted(points), [sum(points[s]) / len(points[s]) for s in sorted(points)])
+            for key, points in by_key.items()}
+
+
+def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: int) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    first = next(iter(summary["methods"].values()))
+    domains = list(first["groups"]) + [f"ood_{s}" for s in first["ood"]]
+    plots = {}
+
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.3 * len(domains), 3.2), squeeze=False, sharey=True)
+    for ax, domain in zip(axes[0], domains, strict=True):
+        for name in names:
+            curves = _run_curves(out, name, seeds, "eval/gold/")
+            if domain in curves:
+                ax.plot(*curves[domain], label=name, color=colors[name], marker="o", markersize=2)
+        ax.set_title(domain, fontsize=10)
+        ax.set_xlabel("iteration / step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("gold reward (held-out)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Per-domain gold reward during training (mean over seeds)", fontsize=11)
+    fig.tight_layout()
+    plots["curves"] = out / "curves.png"
+    fig.savefig(plots["curves"], dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name in names:
+        for seed in range(seeds):
+            report_path = out / f"seed-{seed}" / name / "eval.json"
+            if not report_path.exists():
+                continue
+            groups = json.loads(report_path.read_text())["groups"].values()
+            kl = sum((g["kl"] or 0.0) * g["n"] for g in groups) / sum(g["n"] for g in groups)
+            for ax, key in zip(axes, ("gold", "reward"), strict=True):
+                values = [g[key] for g in groups if g[key] is not None]
+                if values:
+                    ax.scatter(kl, sum(values) / len(values), color=colors[name], label=name if seed == 0 else None)
+    for ax, label in zip(axes, ("mean gold reward", "mean proxy reward"), strict=True):
+        ax.set_xlabel("KL to reference per response")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Reward against KL, one point per run (the over-optimization frontier)", fontsize=11)
+    fig.tight_layout()
+    plots["frontier"] = out / "frontier.png"
+    fig.savefig(plots["frontier"], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(domains) * len(names) / 3), 3.6))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        method = summary["methods"][name]
+        figures = [method["groups"][d]["gold"] if d in method["groups"] else method["ood"][d[4:]]["gold"]
+                   for d in domains]
+        ax.bar([j + i * width for j in range(len(domains))], [f["mean"] or 0 for f in figures], width,
+               yerr=[f["ci95"] or 0 for f in figures], label=name, color=colors[name], capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(domains))], domains)
+    ax.set_ylabel("gold reward (held-out)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title("Final per-domain gold reward (error bars: 95% CI over seeds)", fontsize=11)
+    fig.tight_layout()
+    plots["bars"] = out / "bars.png"
+    fig.savefig(plots["bars"], dpi=100)
+    plt.close(fig)
+
+    nmi = {name: _run_curves(out, name, seeds, "groups/").get("nmi") for name in names}
+    nmi = {name: curve for name, curve in nmi.items() if curve}
+    if nmi:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for name, curve in nmi.items():
+            ax.plot(*curve, label=name, color=colors[name])
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("PPO iteration")
+        ax.set_ylabel("NMI(inferred groups, true domains)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.set_title("Do the inferred groups find the domains?", fontsize=11)
+        fig.tight_layout()
+        plots["nmi"] = out / "nmi.png"
+        fig.savefig(plots["nmi"], dpi=100)
+        plt.close(fig)
+    return plots
+
+
+PLOT_CAPTIONS = {
+    "curves": "Per-domain gold reward on held-out prompts during training.",
+    "frontier": "Reward against KL: a method above and left of another gets more for less drift.",
+    "bars": "Final per-domain gold reward with 95% confidence intervals over seeds.",
+    "nmi": "Agreement (normalized mutual information) of inferred groups with the true domains.",
+}
+
+
+def write_compare_report(out: Path, summary: dict[str, Any], names: list[str], seeds: int) -> None:
+    """``report.md`` (images beside it) and a self-contained ``report.html`` (images embedded)."""
+    import base64
+    import html
+
+    plots = compare_plots(out, summary, names, seeds)
+    tables = compare_tables(summary)
+    intro = (f"{len(names)} runs x {seeds} seed(s). Gold reward in [0, 1]; the worst domain is the lowest gold "
+             "per seed; spread is best minus worst domain; max gold drop is the largest fall of mean held-out "
+             "gold below its best during training; proxy-gold gap is the reward model's gain over SFT minus the "
+             "gold gain, in SFT standard deviations (positive: reward hacking).")
+    md = ["# gipo compare", "", intro, ""]
+    for title, (header, rows) in tables.items():
+        md += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    for key, path in plots.items():
+        md += [f"## {PLOT_CAPTIONS[key]}", "", f"![{key}]({path.name})", ""]
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>gipo compare</title><style>"
+             "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+             "img{max-width:100%;border:1px solid #eee}</style></head><body>",
+             "<h1>gipo compare</h1>", f"<p>{html.escape(intro)}</p>"]
+    for title, (header, rows) in tables.items():
+        parts.append(f"<h2>{html.escape(title)}</h2><table><tr>"
+                     + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    for key, path in plots.items():
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts.append(f"<h2>{html.escape(PLOT_CAPTIONS[key])}</h2><img alt='{key}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    (out / "report.html").write_text("\n".join(parts), encoding="utf-8")

@@ -1,0 +1,215 @@
+"""``gipo compare``: every method on every seed with the same budget, summarized with confidence intervals.
+
+Layout under OUT: ``seed-S/sft``, ``seed-S/rm`` (trained once per seed, shared by the methods) and
+``seed-S/RUN`` per method (RUN is the method, or ``method@key=value`` in a sweep). A run with an
+``eval.json`` is reused; an unfinished one resumes from its last checkpoint, so a killed compare
+continues where it stopped. Then ``summary.json``, ``report.md`` and ``report.html`` are written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gipo.config import DPOConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig, build_config
+from gipo.evaluation import evaluate_run
+from gipo.tracking import read_metrics
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def mean_ci(values: list[float | None]) -> dict[str, float | None]:
+    """Mean and the half-width of its 95% t-interval (null with fewer than two values)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "ci95": None}
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "ci95": None}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    dof = n - 1
+    t = T95.get(dof) or (T95[max(k for k in T95 if k <= dof)] if dof <= 30 else 1.96)
+    return {"mean": mean, "ci95": t * sd / math.sqrt(n)}
+
+
+@dataclass
+class Run:
+    name: str
+    method: str
+    overrides: dict[str, Any]
+
+
+def plan_runs(methods: list[str], sweep: tuple[str, list[Any]] | None) -> list[Run]:
+    if sweep is None:
+        return [Run(m, m, {}) for m in methods]
+    key, values = sweep
+    runs = []
+    for method in methods:
+        if method == "dpo":
+            runs.append(Run(method, method, {}))
+            continue
+        runs.extend(Run(f"{method}@{key}={v}", method, {key: v}) for v in values)
+    return runs
+
+
+def max_gold_drop(metrics: list[dict[str, Any]]) -> float | None:
+    """Largest fall of the mean held-out gold reward below its best so far during training."""
+    curve = [sum(v) / len(v) for r in metrics
+             if (v := [x for k, x in r.items() if k.startswith("eval/gold/") and not k.startswith("eval/gold/ood")])]
+    if not curve:
+        return None
+    best, drop = curve[0], 0.0
+    for value in curve:
+        best = max(best, value)
+        drop = max(drop, best - value)
+    return drop
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) or 1.0
+
+
+def proxy_gold_gap(rows: list[dict[str, Any]], sft_rows: list[dict[str, Any]]) -> float | None:
+    """Gain of the proxy reward over SFT minus the gain of the gold reward, each in SFT standard deviations.
+
+    Positive: the reward model's score rose more than the true reward did (a sign of reward hacking).
+    """
+    if not rows or not sft_rows or rows[0]["gold"] is None or rows[0]["reward"] is None:
+        return None
+    def standardized_gain(key: str) -> float:
+        base = [r[key] for r in sft_rows]
+        return (sum(r[key] for r in rows) / len(rows) - sum(base) / len(base)) / _std(base)
+
+    return standardized_gain("reward") - standardized_gain("gold")
+
+
+def seed_figures(run_dir: Path, sft_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-seed numbers that summary.json averages."""
+    report = json.loads((run_dir / "eval.json").read_text())
+    groups = report["groups"]
+    golds = [g["gold"] for g in groups.values() if g["gold"] is not None]
+    n_total = sum(g["n"] for g in groups.values())
+    kls = [g["kl"] * g["n"] for g in groups.values() if g["kl"] is not None]
+    return {
+        "groups": {name: {"gold": g["gold"], "reward": g["reward"]} for name, g in groups.items()},
+        "worst_group_gold": min(golds) if golds else None,
+        "spread_gold": max(golds) - min(golds) if golds else None,
+        "ood": {split: {"gold": s["gold"], "reward": s["reward"]} for split, s in report["ood"].items()},
+        "kl": sum(kls) / n_total if kls else None,
+        "max_gold_drop": max_gold_drop(read_metrics(run_dir / "metrics.jsonl")),
+        "proxy_gold_gap": proxy_gold_gap(_read_rows(run_dir / "eval_rows.jsonl"), sft_rows),
+    }
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and ci95 over seeds of every figure in :func:`seed_figures`."""
+    def nested(part: str) -> dict[str, dict[str, Any]]:
+        first = per_seed[0][part]
+        return {name: {k: mean_ci([s[part][name][k] for s in per_seed]) for k in first[name]} for name in first}
+
+    return {"seeds": len(per_seed), "groups": nested("groups"), "ood": nested("ood"),
+            **{k: mean_ci([s[k] for s in per_seed])
+               for k in ("worst_group_gold", "spread_gold", "kl", "max_gold_drop", "proxy_gold_gap")}}
+
+
+def win_rates(runs: list[str], rows: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
+    """Pairwise win/tie/lose on the same held-out prompts, pooled over seeds; judged by gold if present."""
+    out = {}
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            counts = [0, 0, 0]
+            judge = "gold"
+            for rows_a, rows_b in zip(rows[a], rows[b], strict=True):
+                for ra, rb in zip(rows_a, rows_b, strict=True):
+                    judge = "gold" if ra["gold"] is not None else "reward"
+                    diff = ra[judge] - rb[judge]
+                    counts[0 if diff > 1e-9 else 1 if abs(diff) <= 1e-9 else 2] += 1
+            total = sum(counts) or 1
+            out[f"{a}_vs_{b}"] = {"win": counts[0] / total, "tie": counts[1] / total, "lose": counts[2] / total,
+                                  "judge": judge}
+    return out
+
+
+def quick_budget(sft: dict, rm: dict, ppo: dict, dpo: dict) -> None:
+    """The --quick budget: enough to see the shape of the result in a few minutes, not to settle it."""
+    sft.setdefault("max_steps", 500)
+    rm.update({k: v for k, v in {"max_steps": 500, "num_pairs": 8000}.items() if k not in rm})
+    ppo.update({k: v for k, v in {"max_steps": 40, "eval_every": 10, "eval_prompts": 32}.items() if k not in ppo})
+    dpo.update({k: v for k, v in {"max_steps": 100, "eval_every": 25, "eval_prompts": 32}.items() if k not in dpo})
+
+
+def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict[str, dict[str, Any]], *,
+                sweep: tuple[str, list[Any]] | None = None, quick: bool = False,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train and evaluate every run on every seed (reusing finished ones); write summary and reports."""
+    from gipo.dpo import DPOTrainer
+    from gipo.ppo import PPOTrainer
+    from gipo.reward import RewardTrainer
+    from gipo.sft import SFTTrainer
+
+    out = Path(out)
+    sft_o, rm_o, ppo_o, dpo_o = (dict(overrides.get(k, {})) for k in ("sft", "rm", "ppo", "dpo"))
+    ppo_o.setdefault("eval_every", 10)
+    dpo_o.setdefault("eval_every", 50)
+    if quick:
+        quick_budget(sft_o, rm_o, ppo_o, dpo_o)
+    runs = plan_runs(methods, sweep)
+    all_rows: dict[str, list] = {r.name: [] for r in runs}
+    per_seed: dict[str, list] = {r.name: [] for r in runs}
+    for seed in range(seeds):
+        seed_dir = out / f"seed-{seed}"
+        sft_dir, rm_dir = seed_dir / "sft", seed_dir / "rm"
+        sft_cfg = build_config(SFTConfig, {**sft_o, "seed": seed})
+        rm_cfg = build_config(RewardConfig, {**rm_o, "seed": seed, "model": str(sft_dir / "final")})
+        _train(SFTTrainer, sft_cfg, sft_dir, f"seed {seed}: sft", log)
+        _train(RewardTrainer, rm_cfg, rm_dir, f"seed {seed}: reward model", log)
+        eval_config = EvalConfig(eval_prompts=ppo_o.get("eval_prompts", 64), device=sft_cfg.device)
+        if not (sft_dir / "eval.json").exists():
+            evaluate_run(sft_dir, replace(eval_config, reward_model=str(rm_dir / "final")))
+        sft_rows = _read_rows(sft_dir / "eval_rows.jsonl")
+        for run in runs:
+            run_dir = seed_dir / run.name
+            if not (run_dir / "eval.json").exists():
+                if run.method == "dpo":
+                    config = build_config(DPOConfig, {**dpo_o, "seed": seed, "model": str(sft_dir / "final"),
+                                                      "dataset": str(rm_dir / "pairs.jsonl"),
+                                                      "eval_dataset": rm_cfg.dataset})
+                    _train(DPOTrainer, config, run_dir, f"seed {seed}: {run.name}", log)
+                    evaluate_run(run_dir, replace(eval_config, reward_model=str(rm_dir / "final")))
+                else:
+                    config = build_config(PPOConfig, {**ppo_o, **run.overrides, "method": run.method, "seed": seed,
+                                                      "policy": str(sft_dir / "final"),
+                                                      "reward_model": str(rm_dir / "final")})
+                    _train(PPOTrainer, config, run_dir, f"seed {seed}: {run.name}", log)
+                    evaluate_run(run_dir, eval_config)
+            per_seed[run.name].append(seed_figures(run_dir, sft_rows))
+            all_rows[run.name].append(_read_rows(run_dir / "eval_rows.jsonl"))
+    names = [r.name for r in runs]
+    summary = {"methods": {name: aggregate(per_seed[name]) for name in names},
+               "win_rates": win_rates(names, all_rows)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    from gipo.report import write_compare_report
+
+    write_compare_report(out, summary, names, seeds)
+    log(f"Wrote {out / 'summary.json'}, {out / 'report.md'}, {out / 'report.html'}")
+    return summary
+
+
+def _train(trainer_cls, config, run_dir: Path, label: str, log: Callable[[str], None]) -> None:
+    if (run_dir / "final").exists():
+        return
+    resume = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("step-*"))
+    log(f"[{label}] {'resuming' if resume else 'training'} -> {run_dir}")
+    trainer_cls(config, output_dir=run_dir, overwrite=not resume).train(resume=resume)
