@@ -150,7 +150,7 @@ def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: i
         ax.set_xlabel("iteration / step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("gold reward (held-out)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle("Per-domain gold reward during training (mean over seeds)", fontsize=11)
     fig.tight_layout()
     plots["curves"] = out / "curves.png"

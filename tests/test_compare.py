@@ -1,0 +1,113 @@
+"""gipo compare: statistics on known inputs, reports from fake run directories, and a killed compare resuming."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from gipo.compare import max_gold_drop, mean_ci, plan_runs, proxy_gold_gap, run_compare, win_rates
+from gipo.ppo import PPOTrainer
+from gipo.report import write_compare_report
+
+
+def test_mean_ci_known_values():
+    # mean 2, sample sd 1, n = 3: half-width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732 = 2.4844
+    figure = mean_ci([1.0, 2.0, 3.0])
+    assert figure["mean"] == pytest.approx(2.0)
+    assert figure["ci95"] == pytest.approx(4.303 / math.sqrt(3), rel=1e-4)
+    assert mean_ci([5.0]) == {"mean": 5.0, "ci95": None}
+    assert mean_ci([None, None]) == {"mean": None, "ci95": None}
+    # n = 40 (dof 39 > 30): the normal quantile; sd of 0,1 alternating = sqrt(40/39 * 0.25)
+    forty = mean_ci([0.0, 1.0] * 20)
+    assert forty["ci95"] == pytest.approx(1.96 * math.sqrt(0.25 * 40 / 39) / math.sqrt(40))
+
+
+def test_max_gold_drop_and_proxy_gap():
+    rows = [{"step": 1, "eval/gold/a": 0.5, "eval/gold/b": 0.3},  # mean 0.4
+            {"step": 2, "eval/gold/a": 0.9, "eval/gold/b": 0.7, "eval/gold/ood_long": 0.0},  # 0.8 (ood ignored)
+            {"step": 3},
+            {"step": 4, "eval/gold/a": 0.5, "eval/gold/b": 0.5}]  # 0.5: drop 0.3 below the best
+    assert max_gold_drop(rows) == pytest.approx(0.3)
+    assert max_gold_drop([{"step": 1}]) is None
+    sft = [{"reward": 0.0, "gold": 0.0}, {"reward": 2.0, "gold": 1.0}]  # sd: reward sqrt(2), gold sqrt(.5)
+    run = [{"reward": 2.0, "gold": 0.5}, {"reward": 4.0, "gold": 0.5}]  # gains: reward 2, gold 0
+    assert proxy_gold_gap(run, sft) == pytest.approx(2 / math.sqrt(2) - 0.0)
+
+
+def test_win_rates_count_ties_and_pool_seeds():
+    gold = lambda *values: [{"gold": v, "reward": 0.0} for v in values]  # noqa: E731
+    rows = {"a": [gold(1, 0, 0.5), gold(1)], "b": [gold(0, 0, 1), gold(0)]}
+    # pooled prompts: a>b, tie, a<b, a>b -> win 2/4, tie 1/4, lose 1/4
+    assert win_rates(["a", "b"], rows) == {"a_vs_b": {"win": 0.5, "tie": 0.25, "lose": 0.25, "judge": "gold"}}
+
+
+def test_plan_runs_with_a_sweep_keeps_dpo_once():
+    runs = plan_runs(["gipo", "dpo"], ("beta_policy", [0, 0.3]))
+    assert [r.name for r in runs] == ["gipo@beta_policy=0", "gipo@beta_policy=0.3", "dpo"]
+    assert runs[1].overrides == {"beta_policy": 0.3}
+
+
+def test_report_from_fake_run_directories(tmp_path):
+    for seed in range(2):
+        for name, gold in (("ppo", 0.5), ("gipo", 0.6)):
+            run_dir = tmp_path / f"seed-{seed}" / name
+            run_dir.mkdir(parents=True)
+            rows = [{"step": s, "eval/gold/copy": gold + 0.01 * s, "eval/gold/add": gold - 0.2, "groups/nmi": 0.5}
+                    for s in (10, 20)]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            groups = {g: {"n": 4, "reward": 1.0, "gold": gold + d, "kl": 2.0, "length": 3.0}
+                      for g, d in (("copy", 0.1), ("add", -0.2))}
+            (run_dir / "eval.json").write_text(json.dumps({"groups": groups, "worst_group": {},
+                                                           "ood": {"long": {**groups["copy"], "n": 8}}}))
+    figure = {"mean": 0.5, "ci95": 0.1}
+    summary = {"methods": {name: {"seeds": 2, "groups": {g: {"gold": figure, "reward": figure} for g in ("copy", "add")},
+                                  "ood": {"long": {"gold": figure, "reward": figure}}, "worst_group_gold": figure,
+                                  "spread_gold": figure, "kl": figure, "max_gold_drop": figure,
+                                  "proxy_gold_gap": {"mean": None, "ci95": None}} for name in ("ppo", "gipo")},
+               "win_rates": {"ppo_vs_gipo": {"win": 0.25, "tie": 0.5, "lose": 0.25, "judge": "gold"}}}
+    write_compare_report(tmp_path, summary, ["ppo", "gipo"], 2)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| ppo | 0.500 ± 0.100 |" in markdown and "ppo vs gipo" in markdown
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "<table>" in page
+    for plot in ("curves", "frontier", "bars", "nmi"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 1000
+
+
+TINY = {"sft": {"max_steps": 2, "batch_size": 8, "progress": False, "device": "cpu"},
+        "rm": {"max_steps": 2, "batch_size": 8, "num_pairs": 40, "progress": False, "device": "cpu"},
+        "ppo": {"max_steps": 2, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6,
+                "eval_prompts": 3, "eval_every": 1, "checkpoint_every": 1, "progress": False, "device": "cpu"},
+        "dpo": {"max_steps": 2, "batch_size": 8, "eval_prompts": 3, "progress": False, "device": "cpu"}}
+
+
+def test_killed_compare_resumes_and_reuses_finished_runs(tmp_path, monkeypatch):
+    original = PPOTrainer.training_step
+    calls = {"n": 0}
+
+    def dies_in_second_run(self):
+        calls["n"] += 1
+        if self.config.method == "gipo" and self.step == 2:
+            raise KeyboardInterrupt  # the compare is killed mid-way through its second run
+        return original(self)
+
+    monkeypatch.setattr(PPOTrainer, "training_step", dies_in_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(tmp_path, ["ppo", "gipo"], 1, TINY, log=lambda _: None)
+    finished = tmp_path / "seed-0" / "ppo" / "final" / "model.safetensors"
+    stamp = finished.stat().st_mtime_ns
+    assert (tmp_path / "seed-0" / "gipo" / "checkpoints" / "step-1").exists()
+    monkeypatch.setattr(PPOTrainer, "training_step", original)
+    messages = []
+    summary = run_compare(tmp_path, ["ppo", "gipo"], 1, TINY, log=messages.append)
+    assert finished.stat().st_mtime_ns == stamp  # the finished run was reused, not retrained
+    assert any("resuming" in m and "gipo" in m for m in messages)
+    assert not any("seed 0: sft" in m or "seed 0: ppo" in m for m in messages)
+    rows = [json.loads(line) for line in (tmp_path / "seed-0" / "gipo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert set(summary["methods"]) == {"ppo", "gipo"} and "ppo_vs_gipo" in summary["win_rates"]
+    for key in ("worst_group_gold", "spread_gold", "kl", "max_gold_drop", "proxy_gold_gap"):
+        assert set(summary["methods"]["gipo"][key]) == {"mean", "ci95"}
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
