@@ -3,7 +3,8 @@
 Layout under OUT: ``seed-S/sft``, ``seed-S/rm`` (trained once per seed, shared by the methods) and
 ``seed-S/RUN`` per method (RUN is the method, or ``method@key=value`` in a sweep). A run with an
 ``eval.json`` is reused; an unfinished one resumes from its last checkpoint, so a killed compare
-continues where it stopped. Then ``summary.json``, ``report.md`` and ``report.html`` are written.
+continues where it stopped. Then ``summary.json``, ``report.md`` and ``report.html`` are written (for a
+sweep, under ``OUT/sweep-KEY/``, so a sweep can reuse a compare's SFT and reward models).
 """
 
 from __future__ import annotations
@@ -199,11 +200,14 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
     names = [r.name for r in runs]
     summary = {"methods": {name: aggregate(per_seed[name]) for name in names},
                "win_rates": win_rates(names, all_rows)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    # A sweep shares the seeds' SFT and reward model with the plain compare but reports on its own.
+    report_dir = out / f"sweep-{sweep[0]}" if sweep else out
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     from gipo.report import write_compare_report
 
-    write_compare_report(out, summary, names, seeds)
-    log(f"Wrote {out / 'summary.json'}, {out / 'report.md'}, {out / 'report.html'}")
+    write_compare_report(out, summary, names, seeds, report_dir)
+    log(f"Wrote {report_dir / 'summary.json'}, {report_dir / 'report.md'}, {report_dir / 'report.html'}")
     return summary
 
 

@@ -182,8 +182,8 @@ class PPOConfig(RunConfig):
     vf_coef: float = option(0.5, "Weight of the value loss.", min=0)
     whiten_advantages: bool = option(True, "Whiten advantages over the batch.")
     entropy_coef: float = option(0.0, "Entropy bonus (0 logs entropy without training on it).", min=0)
-    eval_every: int = option(0, "Evaluate gold reward on held-out prompts every N iterations (0 = off).",
-                             min=0)
+    eval_every: int = option(10, "Evaluate on held-out prompts every N iterations (0 = off); curves in "
+                             "metrics.jsonl as eval/gold/GROUP.", min=0)
     eval_prompts: int = option(64, "Held-out prompts per group for evaluation.", min=1)
     # Group Invariant Learning (docs/method.md); `method` picks a preset of the keys below.
     method: str = option("ppo", "Preset: " + ", ".join(f"{k} ({v['_about']})" for k, v in METHOD_PRESETS.items())

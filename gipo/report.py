@@ -129,7 +129,10 @@ def _run_curves(out: Path, name: str, seeds: int, prefix: str) -> dict[str, tupl
             for key, points in by_key.items()}
 
 
-def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: int) -> dict[str, Path]:
+def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: int,
+                  report_dir: Path | None = None) -> dict[str, Path]:
+    """The report's plots, from the runs under ``out``, written to ``report_dir`` (default ``out``)."""
+    report_dir = report_dir or out
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +156,7 @@ def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: i
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle("Per-domain gold reward during training (mean over seeds)", fontsize=11)
     fig.tight_layout()
-    plots["curves"] = out / "curves.png"
+    plots["curves"] = report_dir / "curves.png"
     fig.savefig(plots["curves"], dpi=100)
     plt.close(fig)
 
@@ -176,7 +179,7 @@ def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: i
     axes[1].legend(fontsize=7)
     fig.suptitle("Reward against KL, one point per run (the over-optimization frontier)", fontsize=11)
     fig.tight_layout()
-    plots["frontier"] = out / "frontier.png"
+    plots["frontier"] = report_dir / "frontier.png"
     fig.savefig(plots["frontier"], dpi=100)
     plt.close(fig)
 
@@ -194,7 +197,7 @@ def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: i
     ax.grid(alpha=0.3, axis="y")
     ax.set_title("Final per-domain gold reward (error bars: 95% CI over seeds)", fontsize=11)
     fig.tight_layout()
-    plots["bars"] = out / "bars.png"
+    plots["bars"] = report_dir / "bars.png"
     fig.savefig(plots["bars"], dpi=100)
     plt.close(fig)
 
@@ -211,7 +214,7 @@ def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: i
         ax.grid(alpha=0.3)
         ax.set_title("Do the inferred groups find the domains?", fontsize=11)
         fig.tight_layout()
-        plots["nmi"] = out / "nmi.png"
+        plots["nmi"] = report_dir / "nmi.png"
         fig.savefig(plots["nmi"], dpi=100)
         plt.close(fig)
     return plots
@@ -225,12 +228,16 @@ PLOT_CAPTIONS = {
 }
 
 
-def write_compare_report(out: Path, summary: dict[str, Any], names: list[str], seeds: int) -> None:
-    """``report.md`` (images beside it) and a self-contained ``report.html`` (images embedded)."""
+def write_compare_report(out: Path, summary: dict[str, Any], names: list[str], seeds: int,
+                         report_dir: Path | None = None) -> None:
+    """``report.md`` (images beside it) and a self-contained ``report.html`` (images embedded), in
+    ``report_dir`` (default ``out``, where the runs are)."""
+    report_dir = report_dir or out
+    report_dir.mkdir(parents=True, exist_ok=True)
     import base64
     import html
 
-    plots = compare_plots(out, summary, names, seeds)
+    plots = compare_plots(out, summary, names, seeds, report_dir)
     tables = compare_tables(summary)
     intro = (f"{len(names)} runs x {seeds} seed(s). Gold reward in [0, 1]; the worst domain is the lowest gold "
              "per seed; spread is best minus worst domain; max gold drop is the largest fall of mean held-out "
@@ -242,7 +249,7 @@ def write_compare_report(out: Path, summary: dict[str, Any], names: list[str], s
         md += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     for key, path in plots.items():
         md += [f"## {PLOT_CAPTIONS[key]}", "", f"![{key}]({path.name})", ""]
-    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    (report_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>gipo compare</title><style>"
              "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
@@ -260,4 +267,4 @@ def write_compare_report(out: Path, summary: dict[str, Any], names: list[str], s
         data = base64.b64encode(path.read_bytes()).decode()
         parts.append(f"<h2>{html.escape(PLOT_CAPTIONS[key])}</h2><img alt='{key}' src='data:image/png;base64,{data}'>")
     parts.append("</body></html>")
-    (out / "report.html").write_text("\n".join(parts), encoding="utf-8")
+    (report_dir / "report.html").write_text("\n".join(parts), encoding="utf-8")

@@ -354,7 +354,7 @@ CLI_CASES = [
                  "sft", ("--resume", "config.yaml", "learning_rate (saved 0.003, now 0.1)"),
                  id="sft-resume-different-config"),
     pytest.param(lambda t: ["demo", "--set", "nosuchkey=1", "--out", str(t / "demo")],
-                 "demo", ("--set nosuchkey", "no stage of the demo has this key"), id="demo-unknown-key"),
+                 "demo", ("--set nosuchkey", "no stage has this key"), id="demo-unknown-key"),
     pytest.param(lambda t: ["eval", str(t / "no-run")],
                  "eval", ("no-run", "config.yaml", "does not exist"), id="eval-missing-run"),
     pytest.param(lambda t: ["sft", "--set", f"dataset={sft_data(t)}", "--out", write(t, "taken", "a file")],
