@@ -19,6 +19,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting over 2 cores
 
 QUIET = {"progress": False, "device": "cpu"}
+D = torch.float64
+"""Hand-computed cases use float64 so that their last digits mean something."""
+
+
+def t(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=D)
 
 
 @pytest.fixture(scope="session")

@@ -26,22 +26,7 @@ from gipo.groups import (
     soft_group_means,
     update_dro_weights,
 )
-
-D = torch.float64
-
-
-def t(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=D)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and on a busy machine a lot of it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from tests.conftest import D, t
 
 # ----------------------------------------------------------------------------- soft group statistics
 

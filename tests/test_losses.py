@@ -26,13 +26,7 @@ from gipo.losses import (
     per_sample_mean,
     shape_rewards,
 )
-
-D = torch.float64
-
-
-def t(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=D)
-
+from tests.conftest import D, t
 
 # ----------------------------------------------------------------------------- masked statistics
 
