@@ -185,6 +185,13 @@ class PPOConfig(RunConfig):
     eval_every: int = option(10, "Evaluate on held-out prompts every N iterations (0 = off); curves in "
                              "metrics.jsonl as eval/gold/GROUP.", min=0)
     eval_prompts: int = option(64, "Held-out prompts per group for evaluation.", min=1)
+    # Parameter-efficient training
+    lora_r: int = option(0, "LoRA rank for the policy (0 = train all weights). With LoRA and no `reference`, "
+                         "the reference is the policy with adapters disabled: no second copy.", min=0)
+    lora_alpha: int = option(16, "LoRA scaling numerator.", min=1)
+    lora_dropout: float = option(0.0, "LoRA dropout.", min=0, max=1)
+    lora_target_modules: str = option("q_proj,v_proj", "Comma-separated module names that get adapters.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass (less memory).")
     # Group Invariant Learning (docs/method.md); `method` picks a preset of the keys below.
     method: str = option("ppo", "Preset: " + ", ".join(f"{k} ({v['_about']})" for k, v in METHOD_PRESETS.items())
                          + ". A group key set explicitly to another value than the preset's is an error "

@@ -27,6 +27,7 @@ from gipo.config import PPOConfig
 from gipo.data import EpochSampler, encode_prompts, load_prompts, pad_left
 from gipo.evaluation import evaluate_policy
 from gipo.kl_control import make_kl_controller
+from gipo.lora import AdapterDisabledReference, apply_lora, load_adapter_weights, save_merged
 from gipo.losses import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -106,9 +107,20 @@ class PPOTrainer(BaseTrainer):
         super().__init__(config, output_dir, overwrite=overwrite)
         self.tokenizer = tokenizer or load_tokenizer(config.policy)
         self.policy = (policy or load_causal_lm(config.policy)).to(self.device)
-        self.reference = reference or (load_causal_lm(config.reference) if config.reference
-                                       else copy.deepcopy(self.policy))
-        self.reference.to(self.device).eval().requires_grad_(False)
+        backbone = self.policy.base_model  # before adapters: the critic may start from it
+        if config.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        if config.lora_r:
+            self.policy = apply_lora(self.policy, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                     config.lora_target_modules)
+        if reference is None and config.reference:
+            reference = load_causal_lm(config.reference)
+        if reference is not None:
+            self.reference = reference.to(self.device).eval().requires_grad_(False)
+        elif config.lora_r:
+            self.reference = AdapterDisabledReference(self.policy)
+        else:
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         reward_model = (reward_model or load_reward_model(config.reward_model)).to(self.device)
         reward_model.eval().requires_grad_(False)
         reward_tokenizer = reward_tokenizer or load_tokenizer(config.reward_model)
@@ -123,9 +135,9 @@ class PPOTrainer(BaseTrainer):
         self.num_groups = len(self.label_names) if config.groups == "oracle" else config.num_groups
         if critic is None:
             # As in TRL, the critic starts from the reward model; from the policy when their tokens differ.
-            source = reward_model if self.scorer.same_tokenizer else self.policy
+            source = reward_model.base_model if self.scorer.same_tokenizer else backbone
             critic = (Critic.from_backbone(config.critic, self.num_groups) if config.critic
-                      else Critic(copy.deepcopy(source.base_model), self.num_groups))
+                      else Critic(copy.deepcopy(source), self.num_groups))
         self.critic = critic.to(self.device)
         self.sampler = EpochSampler(len(self.records), config.seed)
         self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), config.learning_rate,
@@ -397,11 +409,18 @@ class PPOTrainer(BaseTrainer):
         self.gain_baseline = state["gain_baseline"]
 
     def save_pretrained(self, path: str | Path) -> None:
-        """The policy (loadable with ``from_pretrained(path)``) and the critic in ``path/critic``."""
-        self.policy.save_pretrained(path)
+        """The policy (loadable with ``from_pretrained(path)``; with LoRA, merged, and the adapters in
+        ``path/adapter``) and the critic in ``path/critic``."""
+        if self.config.lora_r:
+            save_merged(self.policy, path)
+        else:
+            self.policy.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         self.critic.save_pretrained(Path(path) / "critic")
 
     def load_weights(self, folder: Path) -> None:
-        self.policy.load_state_dict(load_causal_lm(str(folder)).state_dict())
+        if self.config.lora_r:
+            load_adapter_weights(self.policy, folder)
+        else:
+            self.policy.load_state_dict(load_causal_lm(str(folder)).state_dict())
         self.critic.load_state_dict(Critic.from_backbone(str(folder / "critic"), self.num_groups).state_dict())

@@ -121,3 +121,23 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
     assert sft_eval["groups"].keys() == ppo_eval["groups"].keys()
     assert sft_eval["groups"]["add"]["reward"] is not None
     assert "method: gipo" in (out / "ppo" / "config.yaml").read_text()
+
+
+def test_lora_trains_adapters_and_uses_the_adapter_free_model_as_reference(tiny_pipeline, tmp_path):
+    sft_dir = tiny_pipeline["sft"] / "final"
+    config = build_config(PPOConfig, {**TINY_PPO, "lora_r": 4, "lora_target_modules": "q_proj,v_proj,o_proj",
+                                      "learning_rate": 1e-2, "policy": str(sft_dir),
+                                      "reward_model": str(tiny_pipeline["rm"] / "final")})
+    trainer = PPOTrainer(config, output_dir=tmp_path / "lora", prompts_per_group=8)
+    trainable = [n for n, p in trainer.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids = torch.tensor([[5, 20, 21, 22]])
+    mask = torch.ones_like(ids)
+    reference_before = trainer.reference(input_ids=ids, attention_mask=mask).logits
+    trainer.train()
+    torch.testing.assert_close(trainer.reference(input_ids=ids, attention_mask=mask).logits, reference_before)
+    policy_after = trainer.policy(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(policy_after, reference_before)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "final")
+    torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits, policy_after, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "lora" / "final" / "adapter" / "adapter_model.safetensors").exists()

@@ -28,11 +28,11 @@ def _ppo(tiny_pipeline, run_dir, max_steps, method="gipo", **extra):
     return PPOTrainer(config, output_dir=run_dir, prompts_per_group=8)
 
 
-@pytest.mark.parametrize("method", ["ppo", "gipo_gain"])
-def test_ppo_resume_equals_uninterrupted(tiny_pipeline, tmp_path, method):
-    straight = _ppo(tiny_pipeline, tmp_path / "straight", 4, method).train()
-    _ppo(tiny_pipeline, tmp_path / "split", 2, method).train()
-    resumed = _ppo(tiny_pipeline, tmp_path / "split", 4, method).train(resume=True)
+@pytest.mark.parametrize(("method", "extra"), [("ppo", {}), ("gipo_gain", {}), ("gipo", {"lora_r": 4})])
+def test_ppo_resume_equals_uninterrupted(tiny_pipeline, tmp_path, method, extra):
+    straight = _ppo(tiny_pipeline, tmp_path / "straight", 4, method, **extra).train()
+    _ppo(tiny_pipeline, tmp_path / "split", 2, method, **extra).train()
+    resumed = _ppo(tiny_pipeline, tmp_path / "split", 4, method, **extra).train(resume=True)
     for a, b in zip(straight.policy.parameters(), resumed.policy.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(straight.critic.parameters(), resumed.critic.parameters(), strict=True):
