@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,12 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None:
+            # Rows past the checkpoint come from steps the resumed run repeats. The file is replaced
+            # in one rename, so a kill here leaves either the old rows or the kept ones, never none.
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
         elif self.path.exists():
             self.path.unlink()
         self._writer = None
