@@ -321,7 +321,8 @@ class PPOTrainer(BaseTrainer):
         mask = rollout.response_mask
         with self.autocast():
             values, group_logits = critic_values(self.critic, rollout)
-            logprobs, entropy = response_logprobs(self.policy, rollout, config.temperature, with_entropy=True)
+            logprobs, entropy = response_logprobs(self.policy, rollout, config.temperature, with_entropy=True,
+                                                  entropy_grad=config.entropy_coef > 0)
 
         # Critic step: fit the returns; the group head maximizes the spread of the group signal.
         value_tokens, value_clipped = clipped_value_loss(values, experience.old_values[index],

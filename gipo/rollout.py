@@ -80,16 +80,22 @@ def generate(model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.
     return Rollout(query_ids, query_mask, response_ids, mask, has_eos)
 
 
-def response_logprobs(model: PreTrainedModel, rollout: Rollout, temperature: float,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities (B, Tr) of the response tokens under ``model`` (and their entropy)."""
+def response_logprobs(model: PreTrainedModel, rollout: Rollout, temperature: float, with_entropy: bool = False,
+                      entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities (B, Tr) of the response tokens under ``model`` (and their entropy, with a
+    gradient only when ``entropy_grad``: a logged entropy needs no graph over the vocabulary)."""
     width = rollout.response_ids.shape[1]
     attention_mask = rollout.attention_mask
     logits = model(input_ids=rollout.sequences, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), logits_to_keep=width + 1).logits[:, :-1]
     logits = logits.float() / temperature
     logprobs = logprobs_from_logits(logits, rollout.response_ids)
-    return logprobs, (entropy_from_logits(logits) if with_entropy else None)
+    if not with_entropy:
+        return logprobs, None
+    if entropy_grad:
+        return logprobs, entropy_from_logits(logits)
+    with torch.no_grad():
+        return logprobs, entropy_from_logits(logits)
 
 
 def critic_values(critic, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
