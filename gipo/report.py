@@ -193,6 +193,7 @@ def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: i
                yerr=[f["ci95"] or 0 for f in figures], label=name, color=colors[name], capsize=2)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(domains))], domains)
     ax.set_ylabel("gold reward (held-out)")
+    ax.set_ylim(0, 1.05)  # gold lives in [0, 1]; a wide interval from few seeds is cut at the axis
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, axis="y")
     ax.set_title("Final per-domain gold reward (error bars: 95% CI over seeds)", fontsize=11)
@@ -201,7 +202,9 @@ def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: i
     fig.savefig(plots["bars"], dpi=100)
     plt.close(fig)
 
-    nmi = {name: _run_curves(out, name, seeds, "groups/").get("nmi") for name in names}
+    inferred = [name for name in names if (out / "seed-0" / name / "config.yaml").exists()
+                and "groups: inferred" in (out / "seed-0" / name / "config.yaml").read_text()]
+    nmi = {name: _run_curves(out, name, seeds, "groups/").get("nmi") for name in inferred}
     nmi = {name: curve for name, curve in nmi.items() if curve}
     if nmi:
         fig, ax = plt.subplots(figsize=(6, 3.4))

@@ -54,6 +54,7 @@ def test_report_from_fake_run_directories(tmp_path):
         for name, gold in (("ppo", 0.5), ("gipo", 0.6)):
             run_dir = tmp_path / f"seed-{seed}" / name
             run_dir.mkdir(parents=True)
+            (run_dir / "config.yaml").write_text(f"groups: {'inferred' if name == 'gipo' else 'none'}\n")
             rows = [{"step": s, "eval/gold/copy": gold + 0.01 * s, "eval/gold/add": gold - 0.2, "groups/nmi": 0.5}
                     for s in (10, 20)]
             (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
