@@ -125,6 +125,23 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
                for k in ("worst_group_gold", "spread_gold", "kl", "max_gold_drop", "proxy_gold_gap")}}
 
 
+def paired_differences(names: list[str], per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each run minus the first run (the baseline) on the same seed, averaged over seeds with a 95% CI.
+
+    Seeds differ mostly in their SFT and reward model, which every method shares; pairing by seed
+    removes that shared part, so these intervals are the ones that say whether a method beats the baseline.
+    """
+    def mean_gold(figures: dict[str, Any]) -> float:
+        golds = [g["gold"] for g in figures["groups"].values()]
+        return sum(golds) / len(golds)
+
+    base = per_seed[names[0]]
+    figures = {"worst_group_gold": lambda f: f["worst_group_gold"], "mean_gold": mean_gold,
+               **{f"ood_{split}_gold": (lambda f, s=split: f["ood"][s]["gold"]) for split in base[0]["ood"]}}
+    return {name: {key: mean_ci([get(a) - get(b) for a, b in zip(per_seed[name], base, strict=True)])
+                   for key, get in figures.items()} for name in names[1:]}
+
+
 def win_rates(runs: list[str], rows: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
     """Pairwise win/tie/lose on the same held-out prompts, pooled over seeds; judged by gold if present."""
     out = {}
@@ -199,7 +216,8 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
             all_rows[run.name].append(_read_rows(run_dir / "eval_rows.jsonl"))
     names = [r.name for r in runs]
     summary = {"methods": {name: aggregate(per_seed[name]) for name in names},
-               "win_rates": win_rates(names, all_rows)}
+               "win_rates": win_rates(names, all_rows),
+               f"paired_vs_{names[0]}": paired_differences(names, per_seed)}
     # A sweep shares the seeds' SFT and reward model with the plain compare but reports on its own.
     report_dir = out / f"sweep-{sweep[0]}" if sweep else out
     report_dir.mkdir(parents=True, exist_ok=True)

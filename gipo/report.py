@@ -112,7 +112,15 @@ def compare_tables(summary: dict[str, Any]) -> dict[str, tuple[list[str], list[l
     win_header = ["A vs B", "A wins", "tie", "B wins", "judge"]
     win_rows = [[pair.replace("_vs_", " vs "), f"{w['win']:.2f}", f"{w['tie']:.2f}", f"{w['lose']:.2f}", w["judge"]]
                 for pair, w in summary["win_rates"].items()]
-    return {"Gold reward on held-out prompts (mean ± 95% CI over seeds)": (main_header, main_rows),
+    tables = {"Gold reward on held-out prompts (mean ± 95% CI over seeds)": (main_header, main_rows)}
+    paired_key = next((k for k in summary if k.startswith("paired_vs_")), None)
+    if paired_key and summary[paired_key]:
+        baseline = paired_key[len("paired_vs_"):]
+        keys = list(next(iter(summary[paired_key].values())))
+        tables[f"Difference to {baseline} on the same seed (mean ± 95% CI; > 0: better than {baseline})"] = (
+            ["method", *[k.replace("_", " ") for k in keys]],
+            [[name, *[_cell(d[k]) for k in keys]] for name, d in summary[paired_key].items()])
+    return {**tables,
             "Proxy (reward-model) score": (proxy_header, proxy_rows),
             "Win rates on the same held-out prompts": (win_header, win_rows)}
 

@@ -7,7 +7,15 @@ import math
 
 import pytest
 
-from gipo.compare import max_gold_drop, mean_ci, plan_runs, proxy_gold_gap, run_compare, win_rates
+from gipo.compare import (
+    max_gold_drop,
+    mean_ci,
+    paired_differences,
+    plan_runs,
+    proxy_gold_gap,
+    run_compare,
+    win_rates,
+)
 from gipo.ppo import PPOTrainer
 from gipo.report import write_compare_report
 
@@ -112,3 +120,20 @@ def test_killed_compare_resumes_and_reuses_finished_runs(tmp_path, monkeypatch):
     for key in ("worst_group_gold", "spread_gold", "kl", "max_gold_drop", "proxy_gold_gap"):
         assert set(summary["methods"]["gipo"][key]) == {"mean", "ci95"}
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def test_paired_differences_subtract_the_baseline_seed_by_seed():
+    def figures(worst, golds, ood):
+        return {"worst_group_gold": worst, "groups": {f"g{i}": {"gold": g} for i, g in enumerate(golds)},
+                "ood": {"long": {"gold": ood}}}
+
+    per_seed = {"ppo": [figures(0.2, [0.2, 0.6], 0.3), figures(0.5, [0.5, 0.9], 0.4)],
+                "gipo": [figures(0.3, [0.3, 0.6], 0.3), figures(0.6, [0.6, 1.0], 0.2)]}
+    diff = paired_differences(["ppo", "gipo"], per_seed)["gipo"]
+    # worst: +0.1 both seeds -> mean 0.1, sd 0 -> ci 0; mean gold: +0.05, +0.1 -> 0.075
+    assert diff["worst_group_gold"]["mean"] == pytest.approx(0.1)
+    assert diff["worst_group_gold"]["ci95"] == pytest.approx(0.0, abs=1e-12)
+    assert diff["mean_gold"]["mean"] == pytest.approx(0.075)
+    # ood: 0, -0.2 -> mean -0.1, sd sqrt(0.02) -> ci 12.706 * 0.1414 / 1.414 = 1.2706
+    assert diff["ood_long_gold"]["mean"] == pytest.approx(-0.1)
+    assert diff["ood_long_gold"]["ci95"] == pytest.approx(1.2706, rel=1e-3)
