@@ -156,14 +156,18 @@ def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: i
         for name in names:
             curves = _run_curves(out, name, seeds, "eval/gold/")
             if domain in curves:
-                ax.plot(*curves[domain], label=name, color=colors[name], marker="o", markersize=2)
+                steps, values = curves[domain]
+                # PPO counts iterations and DPO optimizer steps: compare them as shares of each budget.
+                ax.plot([s / steps[-1] for s in steps], values, label=name, color=colors[name], marker="o",
+                        markersize=2)
         ax.set_title(domain, fontsize=10)
-        ax.set_xlabel("iteration / step")
+        ax.set_xlabel("share of training")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("gold reward (held-out)")
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
     fig.suptitle("Per-domain gold reward during training (mean over seeds)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     plots["curves"] = report_dir / "curves.png"
     fig.savefig(plots["curves"], dpi=100)
     plt.close(fig)
