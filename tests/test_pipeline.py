@@ -141,3 +141,23 @@ def test_lora_trains_adapters_and_uses_the_adapter_free_model_as_reference(tiny_
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "final")
     torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits, policy_after, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "lora" / "final" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_registered_task_trains_and_evaluates_by_name(tiny_pipeline, tmp_path):
+    """A user's own task: prompts with a domain label and a gold reward, used as `dataset: NAME`."""
+    from gipo.tasks import Task, get_task, register_task
+
+    def make_split(split, n, rng):
+        return [{"prompt": f"say {w}=", "group": group, "answer": w}
+                for group, words in (("short", "ab"), ("long", "abcd")) for w in [words] * n]
+
+    register_task(Task(name="echo", groups=["short", "long"], make_split=make_split,
+                       gold_reward=lambda record, response: float(response == record["answer"])))
+    assert get_task("echo") is not None
+    config = build_config(PPOConfig, {**TINY_PPO, "dataset": "echo", "policy": str(tiny_pipeline["sft"] / "final"),
+                                      "reward_model": str(tiny_pipeline["rm"] / "final")})
+    trainer = PPOTrainer(config, output_dir=tmp_path / "echo", prompts_per_group=4).train()
+    assert {"domain/gold/short", "domain/gold/long"} <= set(_metrics(tmp_path / "echo")[-1])
+    report = trainer.evaluate(n_per_group=2)
+    assert set(report["groups"]) == {"short", "long"} and report["ood"] == {}
+    assert all(g["gold"] in (0.0, 0.5, 1.0) for g in report["groups"].values())
