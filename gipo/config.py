@@ -90,6 +90,9 @@ class RewardConfig(RunConfig):
     warmup_steps: int = option(20, "Linear warm-up steps.", min=0)
     center_rewards_coefficient: float = option(
         0.01, "Penalty on the squared score, keeping scores near zero (as TRL's RewardTrainer).", min=0)
+    long_examples: str = option("error", "A pair longer than max_length: error, or shorten (drop a chat "
+                                "prompt's oldest turns; drop the pair if it still does not fit).",
+                                choices=("error", "shorten"))
 
 
 @dataclass

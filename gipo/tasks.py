@@ -98,9 +98,29 @@ def _builtin_record(group: str, rng: random.Random, lengths: tuple[int, int]) ->
 BUILTIN_GROUPS = ["copy", "sort", "reverse", "add"]
 
 
-def in_test_split(prompt: str) -> bool:
+SPLITS = ("train", "validation", "test")
+"""The splits of any prompt: 6/8 train, 1/8 validation, 1/8 test, by a stable hash of the prompt."""
+
+
+def prompt_key(prompt: str | list[dict[str, str]]) -> str:
+    """The text a prompt is hashed by: plain text as it is, a chat conversation as ``str()`` of its list.
+
+    ``str()`` of a record's message list is what evaluation passes to :func:`in_test_split`, so both agree;
+    the loaders in ``gipo.data`` build messages as ``{"role", "content"}`` dicts in that order.
+    """
+    return prompt if isinstance(prompt, str) else str(prompt)
+
+
+def split_of(prompt: str | list[dict[str, str]]) -> str:
+    """``train``, ``validation`` or ``test``: the same prompt always lands in the same split, whatever the
+    source, the seed or the other rows (a stable SHA-1 of :func:`prompt_key`, not Python's salted hash)."""
+    bucket = int(hashlib.sha1(prompt_key(prompt).encode()).hexdigest(), 16) % 8
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def in_test_split(prompt: str | list[dict[str, str]]) -> bool:
     """A stable hash of the prompt decides its side, so no prompt is both trained on and tested on."""
-    return int(hashlib.sha1(prompt.encode()).hexdigest(), 16) % 8 == 0
+    return split_of(prompt) == "test"
 
 
 def _builtin_split(split: str, n_per_group: int, rng: random.Random) -> list[PromptRecord]:
