@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("config", nargs="?", help="YAML with optional sections sft, rm, ppo, dpo.")
     compare.add_argument("--methods", default="ppo,gipo", help="Comma-separated: "
                          + ", ".join(m for m in METHOD_PRESETS if m != "custom") + ", dpo (default: ppo,gipo).")
-    compare.add_argument("--seeds", type=int, default=3, help="Seeds per method (default 3).")
+    compare.add_argument("--seeds", type=int, default=None, help="Seeds per method (default 3; 2 with --quick).")
     compare.add_argument("--sweep", metavar="KEY=V1,V2,...", help="Run each PPO-family method once per value.")
     compare.add_argument("--quick", action="store_true", help="A small budget that finishes in minutes.")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -160,9 +160,10 @@ def run_compare_command(args: argparse.Namespace) -> None:
         if key not in {f.name for f in dataclasses.fields(PPOConfig)} or not values:
             raise ConfigError(f"--sweep {args.sweep}: expected KEY=V1,V2 with a PPO config key.")
         sweep = (key, [parse_overrides([f"{key}={v}"])[key] for v in values.split(",")])
-    if args.seeds < 1:
+    seeds = args.seeds if args.seeds is not None else (2 if args.quick else 3)
+    if seeds < 1:
         raise ConfigError("--seeds must be at least 1.")
-    run_compare(args.out, methods, args.seeds, overrides, sweep=sweep, quick=args.quick)
+    run_compare(args.out, methods, seeds, overrides, sweep=sweep, quick=args.quick)
 
 
 def main(argv: list[str] | None = None) -> int:

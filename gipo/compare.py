@@ -162,10 +162,10 @@ def win_rates(runs: list[str], rows: dict[str, list[list[dict[str, Any]]]]) -> d
 
 def quick_budget(sft: dict, rm: dict, ppo: dict, dpo: dict) -> None:
     """The --quick budget: enough to see the shape of the result in a few minutes, not to settle it."""
-    sft.setdefault("max_steps", 500)
-    rm.update({k: v for k, v in {"max_steps": 500, "num_pairs": 8000}.items() if k not in rm})
-    ppo.update({k: v for k, v in {"max_steps": 40, "eval_every": 10, "eval_prompts": 32}.items() if k not in ppo})
-    dpo.update({k: v for k, v in {"max_steps": 100, "eval_every": 25, "eval_prompts": 32}.items() if k not in dpo})
+    sft.setdefault("max_steps", 300)
+    rm.update({k: v for k, v in {"max_steps": 300, "num_pairs": 6000}.items() if k not in rm})
+    ppo.update({k: v for k, v in {"max_steps": 30, "eval_every": 10, "eval_prompts": 32}.items() if k not in ppo})
+    dpo.update({k: v for k, v in {"max_steps": 80, "eval_every": 20, "eval_prompts": 32}.items() if k not in dpo})
 
 
 def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict[str, dict[str, Any]], *,
