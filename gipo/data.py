@@ -24,7 +24,7 @@ import json
 import random
 import re
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -511,9 +511,6 @@ class EpochSampler:
             batch.extend(self._order[self.position: self.position + take])
             self.position += take
         return batch
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._order)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

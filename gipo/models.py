@@ -379,6 +379,3 @@ class Critic(nn.Module):
         save_file(heads, str(path / self.HEADS_FILE))
         (path / "critic.json").write_text(json.dumps({"num_groups": self.group_head.out_features}))
 
-
-def model_config_of(name: str) -> AutoConfig:
-    return AutoConfig.from_pretrained(resolve_model(name))
