@@ -50,7 +50,7 @@ def score_prompts(policy, tokenizer, records: list[PromptRecord], *, settings: S
                 logprobs, _ = response_logprobs(policy, rollout, settings.temperature)
                 ref_logprobs, _ = response_logprobs(reference, rollout, settings.temperature)
                 kl = ((logprobs - ref_logprobs) * rollout.response_mask).sum(-1).cpu()
-            scores = scorer(rollout).cpu() if scorer is not None else None
+            scores = scorer(rollout, [r["prompt"] for r in batch]).cpu() if scorer is not None else None
             lengths = rollout.lengths.cpu()
             for i, record in enumerate(batch):
                 rows.append({

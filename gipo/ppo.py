@@ -178,7 +178,7 @@ class PPOTrainer(BaseTrainer):
             logprobs, _ = response_logprobs(self.policy, rollout, config.temperature)
             ref_logprobs, _ = response_logprobs(self.reference, rollout, config.temperature)
             values, group_logits = critic_values(self.critic, rollout)
-            raw_scores = self.scorer(rollout)
+            raw_scores = self.scorer(rollout, [self.records[i]["prompt"] for i in indices])
         check_finite(self.step, reward_model_scores=raw_scores, log_probabilities=logprobs,
                      reference_log_probabilities=ref_logprobs, values=values)
 
@@ -253,7 +253,8 @@ class PPOTrainer(BaseTrainer):
         rollout = generate(self.reference, ids.repeat(repeats, 1).to(self.device),
                            mask.repeat(repeats, 1).to(self.device), self.tokenizer.eos_token_id,
                            self.tokenizer.pad_token_id, self.settings)
-        scores = self.scorer(rollout).view(repeats, len(indices)).mean(0)
+        scores = self.scorer(rollout, [self.records[i]["prompt"] for i in indices] * repeats)
+        scores = scores.view(repeats, len(indices)).mean(0)
         self.gain_baseline.update(zip(indices, scores.tolist(), strict=True))
 
     def _domain_metrics(self, indices: list[int], rollout: Rollout, raw_scores: torch.Tensor,

@@ -110,7 +110,13 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
 
 
 class RewardScorer:
-    """Scores rollouts with a reward model; re-tokenizes the text when its tokenizer differs."""
+    """Scores rollouts with a reward model.
+
+    With the policy's tokenizer, the rollout's tokens are scored as they are. With a tokenizer of its own,
+    the reward model reads what it was trained on: the prompt rendered with *its* template, the decoded
+    response and its EOS, as ``gipo.reward.encode_pairs`` builds pairs; a sequence longer than
+    ``max_length`` loses its oldest tokens, so the response is always read.
+    """
 
     def __init__(self, reward_model: PreTrainedModel, reward_tokenizer, policy_tokenizer, max_length: int = 512):
         self.model = reward_model
@@ -120,16 +126,23 @@ class RewardScorer:
         self.same_tokenizer = reward_tokenizer.get_vocab() == policy_tokenizer.get_vocab()
 
     @torch.no_grad()
-    def __call__(self, rollout: Rollout) -> torch.Tensor:
+    def __call__(self, rollout: Rollout, prompts: list | None = None) -> torch.Tensor:
+        """Scores (B,); ``prompts`` (the rollout's prompts as given: text or chat messages) are needed
+        only when the reward model has its own tokenizer."""
         if self.same_tokenizer:
-            ids, mask = rollout.sequences, rollout.attention_mask
-        else:
-            queries = self.policy_tokenizer.batch_decode(rollout.query_ids, skip_special_tokens=True)
-            texts = [q + r for q, r in zip(queries, decode_responses(self.policy_tokenizer, rollout), strict=True)]
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length).to(rollout.query_ids.device)
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-        return score_sequences(self.model, ids, mask)
+            return score_sequences(self.model, rollout.sequences, rollout.attention_mask)
+        from gipo.data import pad_right, render_prompt
+
+        if prompts is None:
+            prompts = self.policy_tokenizer.batch_decode(rollout.query_ids, skip_special_tokens=True)
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        texts = [render_prompt(self.tokenizer, p) + r
+                 for p, r in zip(prompts, decode_responses(self.policy_tokenizer, rollout), strict=True)]
+        encoded = [ids[-(self.max_length - len(eos)):] + eos
+                   for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        ids, mask = pad_right(encoded, self.tokenizer.pad_token_id)
+        device = rollout.query_ids.device
+        return score_sequences(self.model, ids.to(device), mask.to(device))
 
 
 def score_sequences(reward_model: PreTrainedModel, input_ids: torch.Tensor,

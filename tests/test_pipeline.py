@@ -161,3 +161,28 @@ def test_a_registered_task_trains_and_evaluates_by_name(tiny_pipeline, tmp_path)
     report = trainer.evaluate(n_per_group=2)
     assert set(report["groups"]) == {"short", "long"} and report["ood"] == {}
     assert all(g["gold"] in (0.0, 0.5, 1.0) for g in report["groups"].values())
+
+
+def test_reward_model_with_its_own_tokenizer_reads_its_own_layout(monkeypatch):
+    """MiniLM-style: the scorer re-renders the prompt with the reward model's template and keeps the end."""
+    import gipo.rollout as rollout_module
+    from gipo.data import pad_left, render_prompt
+    from gipo.models import build_embedded_tokenizer
+    from gipo.rollout import RewardScorer, Rollout
+
+    policy_tok, reward_tok = build_embedded_tokenizer(), build_embedded_tokenizer()
+    reward_tok.add_tokens(["<extra>"])  # another vocabulary
+    seen = []
+    monkeypatch.setattr(rollout_module, "score_sequences",
+                        lambda model, ids, mask: seen.append((ids, mask)) or torch.zeros(len(ids)))
+    prompt = [{"role": "user", "content": "copy ab="}]
+    query, query_mask = pad_left([policy_tok(render_prompt(policy_tok, prompt), add_special_tokens=False)
+                                  ["input_ids"]], policy_tok.pad_token_id)
+    response = torch.tensor([policy_tok("ab", add_special_tokens=False)["input_ids"] + [policy_tok.eos_token_id]])
+    rollout = Rollout(query, query_mask, response, torch.ones_like(response, dtype=torch.float),
+                      torch.tensor([True]))
+    expected = reward_tok(render_prompt(reward_tok, prompt) + "ab", add_special_tokens=False)["input_ids"]
+    RewardScorer(None, reward_tok, policy_tok)(rollout, [prompt])
+    assert seen[-1][0][0].tolist() == expected + [reward_tok.eos_token_id]
+    RewardScorer(None, reward_tok, policy_tok, max_length=5)(rollout, [prompt])
+    assert seen[-1][0][0].tolist() == expected[-4:] + [reward_tok.eos_token_id]  # the response survives
