@@ -21,8 +21,8 @@ def _trainer(tiny_pipeline, run_dir, on_nonfinite):
     trainer = PPOTrainer(config, output_dir=run_dir, prompts_per_group=8)
     score = trainer.scorer.__call__
 
-    def poisoned(rollout):  # the reward model returns NaN on iteration 2 only
-        scores = score(rollout)
+    def poisoned(rollout, prompts=None):  # the reward model returns NaN on iteration 2 only
+        scores = score(rollout, prompts)
         return scores * float("nan") if trainer.step == 2 else scores
 
     trainer.scorer = poisoned
