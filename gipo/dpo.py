@@ -100,9 +100,6 @@ class DPOTrainer(BaseTrainer):
                             if g["gold"] is not None})
         return metrics
 
-    def load_weights(self, folder: Path) -> None:
-        self.model.load_state_dict(load_causal_lm(str(folder)).state_dict())
-
     def evaluate(self, n_per_group: int | None = None) -> dict[str, Any]:
         return evaluate_policy(self.model, self.tokenizer, self.config.eval_dataset or self.config.dataset,
                                n_per_group=n_per_group or self.config.eval_prompts, settings=SamplingSettings(),

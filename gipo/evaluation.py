@@ -46,7 +46,7 @@ def score_prompts(policy, tokenizer, records: list[PromptRecord], *, settings: S
                                tokenizer.pad_token_id, settings)
             texts = decode_responses(tokenizer, rollout)
             kl = torch.zeros(len(batch))
-            if reference is not None:
+            if reference is not None and reference is not policy:
                 logprobs, _ = response_logprobs(policy, rollout, settings.temperature)
                 ref_logprobs, _ = response_logprobs(reference, rollout, settings.temperature)
                 kl = ((logprobs - ref_logprobs) * rollout.response_mask).sum(-1).cpu()

@@ -208,7 +208,8 @@ class PPOTrainer(BaseTrainer):
                 config.group_ema * self.group_returns_ema + (1 - config.group_ema) * group_returns)
 
         experience = Experience(rollout, logprobs, values, advantages, returns, signal, label_probs)
-        kl_sum = (kl_per_token(logprobs, ref_logprobs, "k1") * response_mask).sum(-1)
+        k1 = kl if config.kl_estimator == "k1" else kl_per_token(logprobs, ref_logprobs, "k1")
+        kl_sum = (k1 * response_mask).sum(-1)
         metrics = {
             "objective/kl": kl_sum.mean().item(),
             "objective/kl_coef": self.kl_ctl.value,
@@ -224,8 +225,11 @@ class PPOTrainer(BaseTrainer):
         return experience, metrics
 
     def _label_probs(self, indices: list[int]) -> torch.Tensor:
-        labels = torch.tensor([self.label_names.index(self.records[i]["group"]) for i in indices])
-        return F.one_hot(labels, len(self.label_names)).float().to(self.device)
+        return F.one_hot(self._label_indices(indices), len(self.label_names)).float().to(self.device)
+
+    def _label_indices(self, indices: list[int]) -> torch.Tensor:
+        """The data's group label of each sample, as an index into ``label_names``."""
+        return torch.tensor([self.label_names.index(self.records[i]["group"]) for i in indices])
 
     def _kl_coefficients(self, probs: torch.Tensor) -> torch.Tensor | float:
         if not self.config.group_kl or self.group_returns_ema is None:
@@ -284,7 +288,7 @@ class PPOTrainer(BaseTrainer):
                                                    G.soft_group_means(probs, coef, self.reduce), strict=True)):
             metrics.update({f"groups/mass/{g}": mass.item(), f"groups/return/{g}": ret.item(),
                             f"groups/kl/{g}": kl.item(), f"groups/kl_coef/{g}": c.item()})
-        true_labels = torch.tensor([self.label_names.index(self.records[i]["group"]) for i in indices])
+        true_labels = self._label_indices(indices)
         if len(self.label_names) > 1:
             metrics["groups/nmi"] = G.normalized_mutual_information(probs.argmax(-1).cpu(), true_labels)
         return metrics

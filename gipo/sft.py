@@ -74,9 +74,6 @@ class SFTTrainer(BaseTrainer):
         return {"train/loss": total_loss, "train/grad_norm": grad_norm,
                 "train/learning_rate": self.scheduler.get_last_lr()[0]}
 
-    def load_weights(self, folder: Path) -> None:
-        self.model.load_state_dict(load_causal_lm(str(folder)).state_dict())
-
     def evaluate(self, reward_scorer=None, n_per_group: int | None = None,
                  settings: SamplingSettings | None = None) -> dict[str, Any]:
         """Per-group gold (and reward, given a scorer) of the current model on held-out prompts."""

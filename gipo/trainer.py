@@ -200,7 +200,10 @@ class BaseTrainer:
         self.tokenizer.save_pretrained(path)
 
     def load_weights(self, folder: Path) -> None:
-        raise NotImplementedError
+        """Restore the trained model from a checkpoint folder (a causal LM; other stages override)."""
+        from gipo.models import load_causal_lm
+
+        self.model.load_state_dict(load_causal_lm(str(folder)).state_dict())
 
     def on_train_end(self) -> None:
         """Work after the final model is saved (e.g. evaluation)."""
