@@ -4,31 +4,19 @@ per-sample KL coefficients, and agreement with true labels.
 A *group* here is a set of prompts/trajectories (a domain, inferred or labelled), not GRPO's set of
 samples drawn for one prompt. ``probs`` (B, M) is the soft assignment p(g | x, y), rows summing to 1.
 
-Every batch statistic goes through ``reduce`` (a sum over the global batch; the identity in one
-process), so a multi-process run computes the same numbers as one process with the whole batch.
+Every batch statistic goes through ``reduce``: ``local_sum`` here, ``gipo.distributed.global_sum`` in
+training (a sum over the processes' shares of the batch), so a multi-process run computes the same
+numbers as one process with the whole batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def local_sum(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
-def global_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over all processes, differentiable; the identity when torch.distributed is not running."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        import torch.distributed.nn.functional as dist_fn
-
-        return dist_fn.all_reduce(tensor)
-    return tensor
+from gipo.distributed import Reduce, local_sum
+from gipo.losses import sample_mean
 
 
 def soft_group_means(probs: torch.Tensor, values: torch.Tensor, reduce: Reduce = local_sum,
@@ -85,12 +73,10 @@ def group_objective_loss(sample_losses: torch.Tensor, probs: torch.Tensor, objec
     probs = probs.detach()
     group_losses = soft_group_means(probs, sample_losses, reduce)
     if objective == "none":
-        count = reduce(sample_losses.new_tensor(float(sample_losses.shape[0])))
-        return reduce(sample_losses.sum()) / count, group_losses
+        return sample_mean(sample_losses, reduce), group_losses
     if objective == "variance":
-        count = reduce(sample_losses.new_tensor(float(sample_losses.shape[0])))
-        mean = reduce(sample_losses.sum()) / count
-        return mean + beta * group_variance(group_losses, group_masses(probs, reduce), kind), group_losses
+        variance = group_variance(group_losses, group_masses(probs, reduce), kind)
+        return sample_mean(sample_losses, reduce) + beta * variance, group_losses
     if objective == "macro_mean":
         return group_losses.mean(), group_losses
     if objective == "dro":

@@ -9,29 +9,36 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gipo.distributed import Reduce, local_sum
+
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return (values * mask).sum() if dim is None else (values * mask).sum(dim)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                reduce: Reduce = local_sum) -> torch.Tensor:
+    """Mean over the masked entries; with ``dim``, per row. ``reduce`` makes the whole-tensor mean one
+    over all processes' entries (a token-weighted mean of the global batch)."""
     if dim is None:
-        return masked_sum(values, mask) / mask.sum().clamp(min=1)
+        return reduce(masked_sum(values, mask)) / reduce(mask.sum()).clamp(min=1)
     return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+               reduce: Reduce = local_sum) -> torch.Tensor:
+    mean = masked_mean(values, mask, reduce=reduce)
+    var = masked_mean((values - mean) ** 2, mask, reduce=reduce)
     if unbiased:
-        n = mask.sum()
+        n = reduce(mask.sum())
         var = var * n / (n - 1).clamp(min=1)
     return var
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Zero mean (optional) and unit variance over the masked entries."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  reduce: Reduce = local_sum) -> torch.Tensor:
+    """Zero mean (optional) and unit variance over the masked entries (of all processes, with ``reduce``)."""
+    mean, var = masked_mean(values, mask, reduce=reduce), masked_var(values, mask, reduce=reduce)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -123,6 +130,11 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (clipped_values - returns) ** 2
     return 0.5 * torch.maximum(loss_unclipped, loss_clipped), (loss_clipped > loss_unclipped).float()
+
+
+def sample_mean(values: torch.Tensor, reduce: Reduce = local_sum) -> torch.Tensor:
+    """Mean of per-sample values (B,) over the batch (of all processes, with ``reduce``)."""
+    return reduce(values.sum()) / reduce(values.new_tensor(float(values.shape[0])))
 
 
 def per_sample_mean(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

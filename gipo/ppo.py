@@ -22,8 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from gipo import distributed as dist
 from gipo import groups as G
-from gipo.config import PPOConfig
+from gipo.config import ConfigError, PPOConfig
 from gipo.data import EpochSampler, encode_prompts, load_prompts, pad_left
 from gipo.evaluation import evaluate_policy
 from gipo.kl_control import make_kl_controller
@@ -36,6 +37,7 @@ from gipo.losses import (
     masked_mean,
     masked_whiten,
     per_sample_mean,
+    sample_mean,
     shape_rewards,
 )
 from gipo.models import Critic, load_causal_lm, load_reward_model, load_tokenizer
@@ -58,7 +60,7 @@ class RunningMoments:
     def __init__(self) -> None:
         self.mean, self.var, self.count = 0.0, 1.0, 0.0
 
-    def update(self, values: torch.Tensor, reduce: G.Reduce = G.local_sum) -> None:
+    def update(self, values: torch.Tensor, reduce: dist.Reduce = dist.local_sum) -> None:
         n = float(reduce(values.new_tensor(float(values.numel()))))
         batch_mean = float(reduce(values.sum())) / n
         batch_var = float(reduce(((values - batch_mean) ** 2).sum())) / n
@@ -99,6 +101,7 @@ class PPOTrainer(BaseTrainer):
     """``PPOTrainer(config).train()``; pass models, tokenizer or prompt records you already hold."""
 
     stage = "ppo"
+    supports_several_processes = True
     progress_keys = ("objective/scores", "objective/kl", "groups/r_var")
 
     def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reference=None, reward_model=None,
@@ -109,7 +112,8 @@ class PPOTrainer(BaseTrainer):
         self.policy = (policy or load_causal_lm(config.policy)).to(self.device)
         backbone = self.policy.base_model  # before adapters: the critic may start from it
         if config.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+            # Non-reentrant checkpointing works under DDP (the reentrant kind marks parameters ready twice).
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora_r:
             self.policy = apply_lora(self.policy, config.lora_r, config.lora_alpha, config.lora_dropout,
                                      config.lora_target_modules)
@@ -151,19 +155,27 @@ class PPOTrainer(BaseTrainer):
         self.gain_baseline: dict[int, float] = {}
         self.settings = SamplingSettings(config.max_new_tokens, config.temperature, config.top_k, config.top_p,
                                          config.stop_on_eos)
-        self.reduce = G.global_sum
+        self.reduce = dist.global_sum
+        processes = dist.world_size()
+        if config.batch_size % processes or config.mini_batch_size % processes:
+            raise ConfigError(f"batch_size={config.batch_size} and mini_batch_size={config.mini_batch_size} are global "
+                              f"(over all processes) and must be multiples of the {processes} processes.")
+        self.local_mini_batch_size = config.mini_batch_size // processes
+        # In training forwards, the models as the launch wraps them (DDP, ...); elsewhere the plain modules.
+        self.policy_train, self.critic_train, self.optimizer, self.critic_optimizer = self.prepare(
+            self.policy, self.critic, self.optimizer, self.critic_optimizer)
 
     # --- 1-3: rollout and scoring ---------------------------------------------------------------------
     def training_step(self) -> dict[str, float]:
         started = time.perf_counter()
         indices = self.sampler.next_batch(self.config.batch_size)
-        experience, metrics = self.collect_experience(indices)
+        experience, metrics = self.collect_experience(dist.shard(indices))
         metrics["time/rollout"] = time.perf_counter() - started
         started = time.perf_counter()
         metrics.update(self.update(experience))
         metrics["time/update"] = time.perf_counter() - started
         self.kl_ctl.update(metrics["objective/kl"], len(indices))
-        if self.config.eval_every and self.step % self.config.eval_every == 0:
+        if self.config.eval_every and self.step % self.config.eval_every == 0 and dist.is_main_process():
             metrics.update(self.eval_metrics())
         return metrics
 
@@ -198,7 +210,7 @@ class PPOTrainer(BaseTrainer):
         rewards = shape_rewards(scores, kl, response_mask, kl_coef)
         advantages, returns = compute_gae(rewards, values, response_mask, config.gamma, config.lam)
         if config.whiten_advantages:
-            advantages = masked_whiten(advantages, response_mask)
+            advantages = masked_whiten(advantages, response_mask, reduce=self.reduce)
         check_finite(self.step, shaped_rewards=rewards, advantages=advantages, returns=returns)
 
         signal = self._group_signal(indices, rewards, raw_scores)
@@ -211,13 +223,13 @@ class PPOTrainer(BaseTrainer):
         k1 = kl if config.kl_estimator == "k1" else kl_per_token(logprobs, ref_logprobs, "k1")
         kl_sum = (k1 * response_mask).sum(-1)
         metrics = {
-            "objective/kl": kl_sum.mean().item(),
+            "objective/kl": dist.global_mean(kl_sum).item(),
             "objective/kl_coef": self.kl_ctl.value,
-            "objective/scores": raw_scores.mean().item(),
-            "objective/non_score_reward": (rewards.sum(-1) - scores).mean().item(),
-            "objective/rlhf_reward": rewards.sum(-1).mean().item(),
-            "val/num_eos_tokens": rollout.has_eos.float().sum().item(),
-            "response/length": rollout.lengths.float().mean().item(),
+            "objective/scores": dist.global_mean(raw_scores).item(),
+            "objective/non_score_reward": dist.global_mean(rewards.sum(-1) - scores).item(),
+            "objective/rlhf_reward": dist.global_mean(rewards.sum(-1)).item(),
+            "val/num_eos_tokens": dist.global_sum(rollout.has_eos.float().sum()).item(),
+            "response/length": dist.global_mean(rollout.lengths.float()).item(),
         }
         metrics.update(self._domain_metrics(indices, rollout, raw_scores, kl_sum))
         if config.groups != "none":
@@ -265,17 +277,19 @@ class PPOTrainer(BaseTrainer):
                         kl_sum: torch.Tensor) -> dict[str, float]:
         """Per true domain (reporting only): score, KL and, where the task has one, gold reward."""
         task = self.task
-        texts = decode_responses(self.tokenizer, rollout) if task is not None else None
+        quantities = {"score": raw_scores, "kl": kl_sum}
+        if task is not None:
+            texts = decode_responses(self.tokenizer, rollout)
+            quantities["gold"] = raw_scores.new_tensor([task.gold_reward(self.records[i], text)
+                                                        for i, text in zip(indices, texts, strict=True)])
+        labels = F.one_hot(self._label_indices(indices), len(self.label_names)).float().to(raw_scores.device)
+        counts = dist.global_sum(labels.sum(0))
+        sums = {name: dist.global_sum(labels.T @ values.float()) for name, values in quantities.items()}
         metrics: dict[str, float] = {}
-        for name in self.label_names:
-            rows = [k for k, i in enumerate(indices) if self.records[i]["group"] == name]
-            if not rows:
-                continue
-            metrics[f"domain/score/{name}"] = raw_scores[rows].mean().item()
-            metrics[f"domain/kl/{name}"] = kl_sum[rows].mean().item()
-            if task is not None:
-                gold = [task.gold_reward(self.records[indices[k]], texts[k]) for k in rows]
-                metrics[f"domain/gold/{name}"] = sum(gold) / len(gold)
+        for g, label in enumerate(self.label_names):
+            if counts[g] > 0:
+                metrics.update({f"domain/{name}/{label}": (total[g] / counts[g]).item()
+                                for name, total in sums.items()})
         return metrics
 
     def _group_metrics(self, indices: list[int], probs: torch.Tensor, signal: torch.Tensor, kl_sum: torch.Tensor,
@@ -288,9 +302,10 @@ class PPOTrainer(BaseTrainer):
                                                    G.soft_group_means(probs, coef, self.reduce), strict=True)):
             metrics.update({f"groups/mass/{g}": mass.item(), f"groups/return/{g}": ret.item(),
                             f"groups/kl/{g}": kl.item(), f"groups/kl_coef/{g}": c.item()})
-        true_labels = self._label_indices(indices)
         if len(self.label_names) > 1:
-            metrics["groups/nmi"] = G.normalized_mutual_information(probs.argmax(-1).cpu(), true_labels)
+            inferred = dist.gather(probs.argmax(-1)).cpu()
+            true_labels = dist.gather(self._label_indices(indices).to(probs.device)).cpu()
+            metrics["groups/nmi"] = G.normalized_mutual_information(inferred, true_labels)
         return metrics
 
     # --- 4: the update ----------------------------------------------------------------------------------
@@ -300,8 +315,8 @@ class PPOTrainer(BaseTrainer):
         count = 0
         for _ in range(config.ppo_epochs):
             order = torch.randperm(len(experience))
-            for start in range(0, len(experience), config.mini_batch_size):
-                minibatch = order[start:start + config.mini_batch_size].tolist()
+            for start in range(0, len(experience), self.local_mini_batch_size):
+                minibatch = order[start:start + self.local_mini_batch_size].tolist()
                 for micro in self.micro_batches(minibatch):
                     stats = self._micro_step(experience, torch.tensor(micro, device=self.device),
                                              len(micro) / len(minibatch))
@@ -313,7 +328,7 @@ class PPOTrainer(BaseTrainer):
                                                    self.critic_scheduler)
                 sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + stats_policy
                 sums["val/grad_norm"] = sums.get("val/grad_norm", 0.0) + stats_critic
-        steps = config.ppo_epochs * (len(experience) // config.mini_batch_size)
+        steps = config.ppo_epochs * (len(experience) // self.local_mini_batch_size)
         if config.group_objective == "dro" and config.dro_step_size > 0:
             self.dro_weights = G.update_dro_weights(self.dro_weights, torch.tensor(
                 [sums[f"groups/policy_loss/{g}"] / count for g in range(self.num_groups)]), config.dro_step_size)
@@ -325,14 +340,14 @@ class PPOTrainer(BaseTrainer):
         rollout = experience.rollout.select(index)
         mask = rollout.response_mask
         with self.autocast():
-            values, group_logits = critic_values(self.critic, rollout)
-            logprobs, entropy = response_logprobs(self.policy, rollout, config.temperature, with_entropy=True,
+            values, group_logits = critic_values(self.critic_train, rollout)
+            logprobs, entropy = response_logprobs(self.policy_train, rollout, config.temperature, with_entropy=True,
                                                   entropy_grad=config.entropy_coef > 0)
 
         # Critic step: fit the returns; the group head maximizes the spread of the group signal.
         value_tokens, value_clipped = clipped_value_loss(values, experience.old_values[index],
                                                          experience.returns[index], config.clip_range_value)
-        value_loss = masked_mean(value_tokens, mask)
+        value_loss = masked_mean(value_tokens, mask, reduce=self.reduce)
         critic_loss = config.vf_coef * value_loss
         stats: dict[str, float] = {}
         if config.groups == "inferred":
@@ -352,7 +367,7 @@ class PPOTrainer(BaseTrainer):
                                                           experience.advantages[index], config.clip_range)
         sample_losses = per_sample_mean(policy_tokens, mask)
         if assignment is None:
-            policy_loss = sample_losses.mean()
+            policy_loss = sample_mean(sample_losses, self.reduce)
         else:
             policy_loss, group_losses = G.group_objective_loss(
                 sample_losses, assignment, config.group_objective, beta=config.beta_policy, kind=config.group_var,
@@ -361,17 +376,16 @@ class PPOTrainer(BaseTrainer):
             stats.update({f"groups/policy_loss/{g}": v.item() for g, v in enumerate(group_losses)})
             stats["groups/policy_loss_var"] = G.group_variance(
                 group_losses, G.group_masses(assignment, self.reduce), config.group_var).item()
-        entropy_mean = masked_mean(entropy, mask)
+        entropy_mean = masked_mean(entropy, mask, reduce=self.reduce)
         loss = policy_loss - config.entropy_coef * entropy_mean
         check_finite(self.step, policy_loss=loss, value_loss=critic_loss)
-        ((loss + critic_loss) * weight).backward()
+        self.backward((loss + critic_loss) * weight)
+        token_mean = {name: masked_mean(value.detach(), mask, reduce=self.reduce).item() for name, value in (
+            ("policy/approxkl_avg", policy_stats["approxkl"]), ("policy/clipfrac_avg", policy_stats["clipped"]),
+            ("val/clipfrac_avg", value_clipped), ("val/ratio", policy_stats["ratio"]))}
         stats.update({
             "loss/policy_avg": policy_loss.item(), "loss/value_avg": value_loss.item(),
-            "policy/entropy_avg": entropy_mean.item(), "objective/entropy": entropy_mean.item(),
-            "policy/approxkl_avg": masked_mean(policy_stats["approxkl"], mask).item(),
-            "policy/clipfrac_avg": masked_mean(policy_stats["clipped"], mask).item(),
-            "val/clipfrac_avg": masked_mean(value_clipped, mask).item(),
-            "val/ratio": masked_mean(policy_stats["ratio"], mask).item(),
+            "policy/entropy_avg": entropy_mean.item(), "objective/entropy": entropy_mean.item(), **token_mean,
         })
         return stats
 
@@ -400,10 +414,13 @@ class PPOTrainer(BaseTrainer):
         return metrics
 
     def trainer_state(self) -> dict[str, Any]:
+        gain_baseline = {}  # each process has filled the baselines of the prompts it has seen
+        for part in dist.gather_objects(self.gain_baseline):
+            gain_baseline.update(part)
         return {**super().trainer_state(), "critic_optimizer": self.critic_optimizer.state_dict(),
                 "critic_scheduler": self.critic_scheduler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
                 "score_moments": self.score_moments.state_dict(), "group_returns_ema": self.group_returns_ema,
-                "dro_weights": self.dro_weights, "gain_baseline": self.gain_baseline}
+                "dro_weights": self.dro_weights, "gain_baseline": gain_baseline}
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
         super().load_trainer_state(state)

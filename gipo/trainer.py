@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gipo import checkpoint as ckpt
+from gipo import distributed as dist
 from gipo.config import ConfigError, RunConfig, read_yaml, save_config
 from gipo.tracking import MetricsLogger
 
@@ -150,8 +151,12 @@ def make_optimizer(params, lr: float, weight_decay: float, warmup_steps: int):
 
 
 def check_finite(step: int, **tensors: torch.Tensor) -> None:
-    for name, value in tensors.items():
-        if not torch.isfinite(value).all():
+    """Raise on the first quantity with NaN or inf, on every process when any process has one (so all
+    processes skip or stop together)."""
+    device = next(iter(tensors.values())).device
+    flags = torch.tensor([not bool(torch.isfinite(v).all()) for v in tensors.values()], device=device)
+    for name, bad in zip(tensors, dist.any_process(flags).tolist(), strict=True):
+        if bad:
             raise NonFiniteError(name, step)
 
 
@@ -168,15 +173,28 @@ def differing_keys(saved: dict[str, Any], current: RunConfig) -> list[str]:
 
 class BaseTrainer:
     """Subclasses implement ``training_step``, ``trainer_state`` / ``load_trainer_state`` and
-    ``save_pretrained`` / ``load_weights``."""
+    ``save_pretrained`` / ``load_weights``.
+
+    Under ``accelerate launch`` with several processes (``supports_several_processes`` trainers only),
+    ``self.accelerator`` wraps the trained models (DDP, or FSDP / DeepSpeed as the launch config says);
+    every process trains on its share of each batch and only the main process writes to the run directory.
+    """
 
     stage = "train"
+    supports_several_processes = False
 
     def __init__(self, config: RunConfig, output_dir: str | Path, *, overwrite: bool = False):
         self.config = config
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
         self.device = resolve_device(config.device)
+        self.accelerator = None
+        if dist.launched_with_several_processes():
+            if not self.supports_several_processes:
+                raise ConfigError(f"gipo {self.stage} runs in one process; several processes (accelerate launch "
+                                  "--num_processes N) are supported by `gipo train` (PPO and the group methods).")
+            self.accelerator = dist.make_accelerator(cpu=self.device.type == "cpu")
+            self.device = self.accelerator.device
         self.step = 0
         self.skipped_batches = 0
         seed_everything(config.seed)
@@ -216,9 +234,23 @@ class BaseTrainer:
         n = self.config.gradient_accumulation_steps
         return [indices[i::n] for i in range(n) if indices[i::n]]
 
+    def prepare(self, *objects):
+        """Models and optimizers as the launch config wraps them (DDP, ...); as they are in one process."""
+        if self.accelerator is None:
+            return objects if len(objects) > 1 else objects[0]
+        return self.accelerator.prepare(*objects)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
+
     def optimizer_step(self, parameters, optimizer, scheduler) -> float:
         """Clip, check and apply the accumulated gradients; returns the gradient norm before clipping."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(parameters), self.config.max_grad_norm or float("inf"))
+        max_norm = self.config.max_grad_norm or float("inf")
+        grad_norm = (torch.nn.utils.clip_grad_norm_(list(parameters), max_norm) if self.accelerator is None
+                     else self.accelerator.clip_grad_norm_(list(parameters), max_norm))
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError("gradient norm", self.step)
@@ -309,53 +341,84 @@ class BaseTrainer:
         os.replace(tmp, path)  # a kill never leaves a half-written config.yaml for --resume to read
 
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "skipped_batches": self.skipped_batches, "rng": ckpt.rng_state(),
+        rng = dist.gather_objects(ckpt.rng_state())
+        state = {"step": self.step, "skipped_batches": self.skipped_batches, "rng": rng[0],
                  "trainer": self.trainer_state()}
+        if len(rng) > 1:
+            state["rng_per_process"] = rng
 
         def write(folder: Path) -> None:
             self.save_pretrained(folder)
             ckpt.save_state(state, folder)
 
-        folder = ckpt.write_atomically(self.output_dir / "checkpoints" / f"step-{self.step}", write)
-        ckpt.prune(self.output_dir, self.config.keep_last)
-        return folder
+        def write_and_prune() -> Path:
+            folder = ckpt.write_atomically(self.output_dir / "checkpoints" / f"step-{self.step}", write)
+            ckpt.prune(self.output_dir, self.config.keep_last)
+            return folder
+
+        return self._on_main_process(write_and_prune)
 
     def _restore(self, folder: Path) -> None:
         self.load_weights(folder)
         state = ckpt.load_state(folder)
         self.step, self.skipped_batches = state["step"], state["skipped_batches"]
         self.load_trainer_state(state["trainer"])
-        ckpt.set_rng_state(state["rng"])
+        per_process = state.get("rng_per_process", [])
+        ckpt.set_rng_state(per_process[dist.rank()] if len(per_process) == dist.world_size() else state["rng"])
+
+    @staticmethod
+    def _on_main_process(work):
+        """Run ``work`` on the main process only; every process gets its result, or raises its error."""
+        result, error = None, None
+        if dist.is_main_process():
+            try:
+                result = work()
+            except Exception as err:  # re-raised below, on every process
+                error = err
+        result, error = dist.broadcast_from_main((result, error))
+        if error is not None:
+            raise error
+        return result
 
     def train(self, resume: bool = False) -> BaseTrainer:
         """Run until ``max_steps``; with ``resume``, continue from the newest good checkpoint.
 
         The run directory is locked for the whole call (``RunDirLock``): a second run on it fails."""
-        self._check_run_dir_path(resume)
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise RunDirError(f"Cannot create run directory {self.output_dir}: {err.strerror or err}.") from None
         lock = RunDirLock(self.output_dir)
-        lock.acquire(self.stage)
+
+        def open_run_dir() -> None:
+            self._check_run_dir_path(resume)
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise RunDirError(f"Cannot create run directory {self.output_dir}: {err.strerror or err}.") from None
+            lock.acquire(self.stage)
+
+        self._on_main_process(open_run_dir)
         try:
             self._train_locked(resume)
         finally:
             lock.release()
         return self
 
-    def _train_locked(self, resume: bool) -> None:
+    def _open_checkpoints(self, resume: bool) -> Path | None:
         # Whatever a killed run left half-written (nobody else writes here while we hold the lock).
         ckpt.remove_temporaries(self.output_dir)
         ckpt.remove_temporaries(self.output_dir / "checkpoints")
         latest = self._prepare_run_dir(resume)
         self._check_disk_space()
+        return latest
+
+    def _train_locked(self, resume: bool) -> None:
+        latest = self._on_main_process(lambda: self._open_checkpoints(resume))
         if latest is not None:
             self._restore(latest)
-        self._save_config()
-        logger = MetricsLogger(self.output_dir, resume_step=self.step if latest is not None else None)
+        main = dist.is_main_process()
+        if main:
+            self._save_config()
+        logger = MetricsLogger(self.output_dir, resume_step=self.step if latest is not None else None) if main else None
         bar = tqdm(total=self.config.max_steps, initial=self.step, desc=f"gipo {self.stage}",
-                   disable=not self.config.progress, dynamic_ncols=True)
+                   disable=not (self.config.progress and main), dynamic_ncols=True)
         try:
             while self.step < self.config.max_steps:
                 self.step += 1
@@ -369,7 +432,7 @@ class BaseTrainer:
                     self.skipped_batches += 1
                     metrics = {"nonfinite/last_quantity_skipped": err.quantity}
                 metrics["nonfinite/skipped_batches"] = self.skipped_batches
-                if self.step % self.config.logging_steps == 0 or self.step == self.config.max_steps:
+                if logger and (self.step % self.config.logging_steps == 0 or self.step == self.config.max_steps):
                     logger.log(self.step, metrics)
                     bar.set_postfix(self.progress_summary(metrics), refresh=False)
                 bar.update(1)
@@ -377,8 +440,9 @@ class BaseTrainer:
                     self.save_checkpoint()
         finally:
             bar.close()
-            logger.close()
-        ckpt.write_atomically(self.output_dir / "final", self.save_pretrained)
+            if logger:
+                logger.close()
+        self._on_main_process(lambda: ckpt.write_atomically(self.output_dir / "final", self.save_pretrained))
         self.on_train_end()
 
     def progress_summary(self, metrics: dict[str, Any]) -> dict[str, str]:

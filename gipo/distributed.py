@@ -1,0 +1,121 @@
+"""Several processes (``accelerate launch``): who is who, and the few collectives the trainers need.
+
+One process is the default and needs none of this: every function here is the identity (or trivially
+true) when ``torch.distributed`` is not running. Under ``accelerate launch --num_processes N`` each
+process holds 1/N of every batch; statistics over the batch go through :func:`global_sum`, so all
+processes compute the numbers one process would compute with the whole batch, and only the main
+process writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""A sum over the batch's holders: :func:`local_sum` in pure math and tests, :func:`global_sum` in training."""
+
+
+def local_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def launched_with_several_processes() -> bool:
+    """True under ``accelerate launch`` / ``torchrun`` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def make_accelerator(cpu: bool):
+    """The ``Accelerator`` of a multi-process run (it starts the process group from the launcher's
+    environment: gloo on CPU, NCCL on GPUs; DDP, FSDP or DeepSpeed as the launch config says)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # The critic's group head takes no part in plain PPO's loss, so DDP must allow unused parameters.
+    return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def global_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over all processes, differentiable (its backward sums the gradients back); the identity in
+    one process."""
+    if is_distributed():
+        import torch.distributed.nn.functional as dist_fn
+
+        return dist_fn.all_reduce(tensor)
+    return tensor
+
+
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the samples of all processes (processes may hold different counts)."""
+    total = global_sum(values.detach().float().sum())
+    count = global_sum(values.new_tensor(float(values.numel()), dtype=torch.float))
+    return total / count.clamp(min=1)
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped tensors from all processes along dim 0 (rank order)."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """The main process's ``obj`` on every process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_process(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise: true where any process has a true flag (so all processes take the same branch)."""
+    if not is_distributed():
+        return flags
+    total = flags.to(torch.float)
+    torch.distributed.all_reduce(total)
+    return total > 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def shard(items: list[Any]) -> list[Any]:
+    """This process's contiguous share of a global batch (its size a multiple of the process count)."""
+    n = world_size()
+    if n == 1:
+        return items
+    size = len(items) // n
+    return items[rank() * size:(rank() + 1) * size]

@@ -1,0 +1,111 @@
+"""Two processes (accelerate launch, gloo on CPU) compute what one process computes with the same global
+batch: the same losses, KL, rewards and group statistics, step by step, and the same trained weights.
+A two-process run that is stopped and resumed ends where the uninterrupted one-process run ends.
+
+Sampling uses top_k=1 so that both runs generate the same responses (random draws cannot match across
+a different split of the batch); one minibatch per epoch, so that both runs update on the same samples.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gipo import distributed
+from gipo.tracking import read_metrics
+
+pytestmark = pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate")
+                                .exists(), reason="the accelerate command is not installed")
+
+COMPARED_PREFIXES = ("loss/", "objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy",
+                     "policy/approxkl_avg", "val/ratio", "groups/", "domain/", "response/length")
+
+
+def _settings(pipeline: dict[str, Path], method: str, **extra) -> list[str]:
+    settings = {**extra, "method": method, "policy": pipeline["sft"] / "final", "reward_model": pipeline["rm"] / "final",
+                "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 6, "top_k": 1,
+                "eval_every": 0, "device": "cpu", "progress": False, "checkpoint_every": 2, "seed": 3}
+    return [f"--set={key}={value}" for key, value in settings.items()]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run(command: list[str], processes: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if processes > 1:
+        accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+        launch = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                  "-m", "gipo"]
+    else:
+        launch = [sys.executable, "-m", "gipo"]
+    result = subprocess.run(launch + command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _compared(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k.startswith(COMPARED_PREFIXES) and isinstance(v, float)}
+
+
+def _assert_same_metrics(one: list[dict], two: list[dict]) -> None:
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two, strict=True):
+        first, second = _compared(a), _compared(b)
+        assert first.keys() == second.keys(), f"step {a['step']}: {sorted(first.keys() ^ second.keys())}"
+        for key, value in first.items():
+            assert math.isclose(value, second[key], rel_tol=1e-4, abs_tol=1e-5), \
+                f"step {a['step']} {key}: one process {value}, two processes {second[key]}"
+
+
+def _assert_same_weights(one: Path, two: Path) -> None:
+    first, second = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        torch.testing.assert_close(tensor, second[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("method", "extra"), [("ppo", {}), ("gipo", {}), ("oracle_dro", {}),
+                                               ("gipo", {"lora_r": 4, "gradient_checkpointing": True})])
+def test_two_processes_match_one_process_with_the_global_batch(tiny_pipeline, tmp_path, method, extra):
+    settings = _settings(tiny_pipeline, method, **extra)
+    _run(["train", "--out", str(tmp_path / "one"), "--set=max_steps=4", *settings], processes=1)
+    _run(["train", "--out", str(tmp_path / "two"), "--set=max_steps=4", *settings], processes=2)
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert len(one) == 4 and "loss/policy_avg" in one[-1]
+    assert any(k.startswith("groups/return/") for k in one[-1]) == (method != "ppo")
+    _assert_same_metrics(one, two)
+    _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")
+    # Only the main process wrote: one metrics file with each step once, one set of checkpoints.
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+
+def test_two_processes_resume_where_they_stopped(tiny_pipeline, tmp_path):
+    settings = _settings(tiny_pipeline, "gipo_gain")
+    _run(["train", "--out", str(tmp_path / "one"), "--set=max_steps=4", *settings], processes=1)
+    _run(["train", "--out", str(tmp_path / "two"), "--set=max_steps=2", *settings], processes=2)
+    _run(["train", "--out", str(tmp_path / "two"), "--resume", "--set=max_steps=4", *settings], processes=2)
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    _assert_same_metrics(one, two)
+    _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")
+
+
+def test_batch_shards_and_global_helpers_in_one_process():
+    assert distributed.shard(list(range(8))) == list(range(8))
+    values = torch.tensor([1.0, 2.0, 6.0])
+    assert distributed.global_mean(values).item() == 3.0
+    assert distributed.gather(values) is values
+    assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
+    assert distributed.any_process(torch.tensor([False, True])).tolist() == [False, True]
