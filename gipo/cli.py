@@ -25,6 +25,7 @@ from gipo.config import (
     read_yaml,
 )
 from gipo.data import DataError
+from gipo.distributed import is_main_process
 from gipo.models import ModelLoadError
 from gipo.trainer import NonFiniteError, RunDirError
 
@@ -118,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(STAGES[args.command], args.config, args.overrides)
         trainer_cls = {"sft": SFTTrainer, "rm": RewardTrainer, "train": PPOTrainer, "dpo": DPOTrainer}[args.command]
         trainer_cls(config, output_dir=args.out, overwrite=args.overwrite).train(resume=args.resume)
-        print(f"Done: {Path(args.out) / 'final'}")
+        if is_main_process():
+            print(f"Done: {Path(args.out) / 'final'}")
     elif args.command == "eval":
         from gipo.evaluation import evaluate_run
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from gipo.config import ConfigError
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 """A sum over the batch's holders: :func:`local_sum` in pure math and tests, :func:`global_sum` in training."""
 
@@ -44,14 +46,21 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def make_accelerator(cpu: bool):
+def make_accelerator(cpu: bool, find_unused_parameters: bool):
     """The ``Accelerator`` of a multi-process run (it starts the process group from the launcher's
     environment: gloo on CPU, NCCL on GPUs; DDP, FSDP or DeepSpeed as the launch config says)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    # The critic's group head takes no part in plain PPO's loss, so DDP must allow unused parameters.
-    return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    kind = accelerator.distributed_type.value
+    if kind not in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        # Sharded parameters would need gathering for generation and for saving, which gipo does not do yet.
+        raise ConfigError(f"accelerate launch with distributed_type {kind}: gipo supports DDP (distributed_type "
+                          "MULTI_GPU, or MULTI_CPU on CPUs; examples/accelerate/). FSDP and DeepSpeed are not "
+                          "supported yet: generation and checkpoints would need the sharded weights gathered.")
+    return accelerator
 
 
 def global_sum(tensor: torch.Tensor) -> torch.Tensor:

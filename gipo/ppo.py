@@ -109,8 +109,25 @@ class PPOTrainer(BaseTrainer):
                  output_dir: str | Path = "runs/ppo", *, overwrite: bool = False, prompts_per_group: int = 2000):
         super().__init__(config, output_dir, overwrite=overwrite)
         self.tokenizer = tokenizer or load_tokenizer(config.policy)
+        reward_model = (reward_model or load_reward_model(config.reward_model)).to(self.device)
+        reward_model.eval().requires_grad_(False)
+        reward_tokenizer = reward_tokenizer or load_tokenizer(config.reward_model)
+        self.scorer = RewardScorer(reward_model, reward_tokenizer, self.tokenizer)
+        self.records = prompts if prompts is not None else load_prompts(config.dataset, "train", prompts_per_group,
+                                                                        config.seed)
+        # Gold rewards need the task's own prompt records; prompts passed in carry no gold.
+        self.task = get_task(config.dataset) if prompts is None else None
+        self.encoded = encode_prompts(self.tokenizer, [r["prompt"] for r in self.records],
+                                      config.max_prompt_length, config.dataset)
+        self.label_names = sorted({r["group"] for r in self.records})
+        self.num_groups = len(self.label_names) if config.groups == "oracle" else config.num_groups
         self.policy = (policy or load_causal_lm(config.policy)).to(self.device)
-        backbone = self.policy.base_model  # before adapters: the critic may start from it
+        if critic is None:
+            # As in TRL, the critic starts from the reward model; from the policy when their tokens differ
+            # (copied before LoRA adapters go into the policy: the critic is trained in full).
+            source = reward_model.base_model if self.scorer.same_tokenizer else self.policy.base_model
+            critic = (Critic.from_backbone(config.critic, self.num_groups) if config.critic
+                      else Critic(copy.deepcopy(source), self.num_groups))
         if config.gradient_checkpointing:
             # Non-reentrant checkpointing works under DDP (the reentrant kind marks parameters ready twice).
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -125,23 +142,6 @@ class PPOTrainer(BaseTrainer):
             self.reference = AdapterDisabledReference(self.policy)
         else:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        reward_model = (reward_model or load_reward_model(config.reward_model)).to(self.device)
-        reward_model.eval().requires_grad_(False)
-        reward_tokenizer = reward_tokenizer or load_tokenizer(config.reward_model)
-        self.scorer = RewardScorer(reward_model, reward_tokenizer, self.tokenizer)
-        self.records = prompts if prompts is not None else load_prompts(config.dataset, "train", prompts_per_group,
-                                                                        config.seed)
-        # Gold rewards need the task's own prompt records; prompts passed in carry no gold.
-        self.task = get_task(config.dataset) if prompts is None else None
-        self.encoded = encode_prompts(self.tokenizer, [r["prompt"] for r in self.records],
-                                      config.max_prompt_length, config.dataset)
-        self.label_names = sorted({r["group"] for r in self.records})
-        self.num_groups = len(self.label_names) if config.groups == "oracle" else config.num_groups
-        if critic is None:
-            # As in TRL, the critic starts from the reward model; from the policy when their tokens differ.
-            source = reward_model.base_model if self.scorer.same_tokenizer else backbone
-            critic = (Critic.from_backbone(config.critic, self.num_groups) if config.critic
-                      else Critic(copy.deepcopy(source), self.num_groups))
         self.critic = critic.to(self.device)
         self.sampler = EpochSampler(len(self.records), config.seed)
         self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), config.learning_rate,
@@ -391,6 +391,9 @@ class PPOTrainer(BaseTrainer):
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer, self.critic_optimizer]
+
+    def has_unused_parameters(self) -> bool:
+        return self.config.groups != "inferred"  # only inferred groups train the critic's group head
 
     # --- evaluation and state -----------------------------------------------------------------------------
     def evaluate(self, n_per_group: int | None = None) -> dict[str, Any]:

@@ -193,7 +193,8 @@ class BaseTrainer:
             if not self.supports_several_processes:
                 raise ConfigError(f"gipo {self.stage} runs in one process; several processes (accelerate launch "
                                   "--num_processes N) are supported by `gipo train` (PPO and the group methods).")
-            self.accelerator = dist.make_accelerator(cpu=self.device.type == "cpu")
+            self.accelerator = dist.make_accelerator(cpu=self.device.type == "cpu",
+                                                     find_unused_parameters=self.has_unused_parameters())
             self.device = self.accelerator.device
         self.step = 0
         self.skipped_batches = 0
@@ -225,6 +226,10 @@ class BaseTrainer:
 
     def on_train_end(self) -> None:
         """Work after the final model is saved (e.g. evaluation)."""
+
+    def has_unused_parameters(self) -> bool:
+        """Whether some trained parameters may take no part in a loss (DDP must then look for them)."""
+        return False
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]

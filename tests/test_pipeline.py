@@ -143,6 +143,25 @@ def test_lora_trains_adapters_and_uses_the_adapter_free_model_as_reference(tiny_
     assert (tmp_path / "lora" / "final" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_with_lora_a_critic_copied_from_the_policy_is_trained_in_full(tiny_pipeline, tmp_path):
+    """The critic starts from the policy's backbone when the reward model reads other tokens: it must be a
+    copy made before the adapters go in (else it would hold frozen weights and adapters of its own)."""
+    import copy
+
+    from gipo.models import load_tokenizer
+
+    rm_dir = tiny_pipeline["rm"] / "final"
+    reward_tokenizer = copy.deepcopy(load_tokenizer(str(rm_dir)))
+    reward_tokenizer.add_tokens(["<other-vocabulary>"])
+    config = build_config(PPOConfig, {**TINY_PPO, "lora_r": 4, "policy": str(tiny_pipeline["sft"] / "final"),
+                                      "reward_model": str(rm_dir)})
+    trainer = PPOTrainer(config, reward_tokenizer=reward_tokenizer, output_dir=tmp_path / "run", prompts_per_group=8)
+    assert not trainer.scorer.same_tokenizer
+    critic_names = [n for n, _ in trainer.critic.named_parameters()]
+    assert not any("lora_" in n for n in critic_names)
+    assert all(p.requires_grad for p in trainer.critic.parameters())
+
+
 def test_a_registered_task_trains_and_evaluates_by_name(tiny_pipeline, tmp_path):
     """A user's own task: prompts with a domain label and a gold reward, used as `dataset: NAME`."""
     from gipo.tasks import Task, get_task, register_task
