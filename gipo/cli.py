@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--quick", action="store_true", help="A small budget that finishes in minutes.")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     compare.add_argument("--out", default="runs/compare", help="Output folder (default: runs/compare).")
+    compare.add_argument("--judge", default=None, help="A reward model that judges win rates where the task has "
+                         "no gold reward (default: each run's own reward model).")
     return parser
 
 
@@ -165,7 +167,7 @@ def run_compare_command(args: argparse.Namespace) -> None:
     seeds = args.seeds if args.seeds is not None else (2 if args.quick else 3)
     if seeds < 1:
         raise ConfigError("--seeds must be at least 1.")
-    run_compare(args.out, methods, seeds, overrides, sweep=sweep, quick=args.quick)
+    run_compare(args.out, methods, seeds, overrides, sweep=sweep, quick=args.quick, judge=args.judge)
 
 
 def main(argv: list[str] | None = None) -> int:

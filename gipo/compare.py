@@ -143,7 +143,8 @@ def paired_differences(names: list[str], per_seed: dict[str, list[dict[str, Any]
 
 
 def win_rates(runs: list[str], rows: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
-    """Pairwise win/tie/lose on the same held-out prompts, pooled over seeds; judged by gold if present."""
+    """Pairwise win/tie/lose on the same held-out prompts, pooled over seeds; judged by the gold reward where
+    the task has one, else by the judge reward model where evaluation had one, else by the run's reward model."""
     out = {}
     for i, a in enumerate(runs):
         for b in runs[i + 1:]:
@@ -151,7 +152,7 @@ def win_rates(runs: list[str], rows: dict[str, list[list[dict[str, Any]]]]) -> d
             judge = "gold"
             for rows_a, rows_b in zip(rows[a], rows[b], strict=True):
                 for ra, rb in zip(rows_a, rows_b, strict=True):
-                    judge = "gold" if ra["gold"] is not None else "reward"
+                    judge = next(k for k in ("gold", "judge", "reward") if ra.get(k) is not None)
                     diff = ra[judge] - rb[judge]
                     counts[0 if diff > 1e-9 else 1 if abs(diff) <= 1e-9 else 2] += 1
             total = sum(counts) or 1
@@ -169,7 +170,7 @@ def quick_budget(sft: dict, rm: dict, ppo: dict, dpo: dict) -> None:
 
 
 def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict[str, dict[str, Any]], *,
-                sweep: tuple[str, list[Any]] | None = None, quick: bool = False,
+                sweep: tuple[str, list[Any]] | None = None, quick: bool = False, judge: str | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and evaluate every run on every seed (reusing finished ones); write summary and reports."""
     from gipo.dpo import DPOTrainer
@@ -193,7 +194,7 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
         rm_cfg = build_config(RewardConfig, {**rm_o, "seed": seed, "model": str(sft_dir / "final")})
         _train(SFTTrainer, sft_cfg, sft_dir, f"seed {seed}: sft", log)
         _train(RewardTrainer, rm_cfg, rm_dir, f"seed {seed}: reward model", log)
-        eval_config = EvalConfig(eval_prompts=ppo_o.get("eval_prompts", 64), device=sft_cfg.device)
+        eval_config = EvalConfig(eval_prompts=ppo_o.get("eval_prompts", 64), device=sft_cfg.device, judge=judge)
         if not (sft_dir / "eval.json").exists():
             evaluate_run(sft_dir, replace(eval_config, reward_model=str(rm_dir / "final")))
         sft_rows = _read_rows(sft_dir / "eval_rows.jsonl")

@@ -81,6 +81,10 @@ class RewardConfig(RunConfig):
     batch_size: int = option(64, "Pairs per optimizer step.", min=1)
     max_length: int = option(64, "Longest prompt + response in tokens.", min=8)
     num_pairs: int = option(16000, "Pairs to sample when the dataset is a task.", min=10)
+    pair_split: str = option("train", "Which split (by a hash of the prompt) of a file or dataset id to train on: "
+                             "train; validation for a judge reward model disjoint from the one PPO trains "
+                             "against; test; or all. (A task's pairs are sampled from its train prompts.)",
+                             choices=("train", "validation", "test", "all"))
     label_noise_temperature: float = option(
         0.05, "Bradley-Terry temperature of the simulated labeller: P(a > b) = sigmoid((gold_a - gold_b) / T).",
         min=0, min_exclusive=True)
@@ -107,6 +111,10 @@ class DPOConfig(RunConfig):
     batch_size: int = option(64, "Pairs per optimizer step.", min=1)
     max_length: int = option(64, "Longest prompt + response in tokens.", min=8)
     num_pairs: int = option(16000, "Pairs to sample when the dataset is a task.", min=10)
+    pair_split: str = option("train", "Which split (by a hash of the prompt) of a file or dataset id to train on: "
+                             "train; validation for a judge reward model disjoint from the one PPO trains "
+                             "against; test; or all. (A task's pairs are sampled from its train prompts.)",
+                             choices=("train", "validation", "test", "all"))
     label_noise_temperature: float = option(0.05, "As for `gipo rm`, when pairs are sampled.", min=0,
                                             min_exclusive=True)
     max_steps: int = option(300, "Optimizer steps.", min=1, result_affecting=False)
@@ -157,7 +165,10 @@ class PPOConfig(RunConfig):
     max_steps: int = option(120, "PPO iterations.", min=1, result_affecting=False)
     learning_rate: float = option(1e-4, "Policy learning rate.", min=0, min_exclusive=True)
     critic_learning_rate: float = option(1e-3, "Critic learning rate.", min=0, min_exclusive=True)
-    max_prompt_length: int = option(48, "Longest prompt in tokens; longer prompts are an error.", min=1)
+    max_prompt_length: int = option(48, "Longest prompt in tokens (see `long_prompts`).", min=1)
+    long_prompts: str = option("error", "A prompt longer than max_prompt_length (training and evaluation): error, "
+                               "or shorten (drop a chat prompt's oldest turns; skip the prompt if it still does "
+                               "not fit).", choices=("error", "shorten"))
     # Sampling
     max_new_tokens: int = option(16, "Response length limit.", min=1)
     temperature: float = option(1.0, "Sampling temperature (also used to score log-probabilities).",
@@ -188,6 +199,9 @@ class PPOConfig(RunConfig):
     eval_every: int = option(10, "Evaluate on held-out prompts every N iterations (0 = off); curves in "
                              "metrics.jsonl as eval/gold/GROUP.", min=0)
     eval_prompts: int = option(64, "Held-out prompts per group for evaluation.", min=1)
+    ood_dataset: str | None = option(None, "Out-of-distribution prompts evaluated besides the held-out ones "
+                                     "(a dataset spec; each of its groups is an OOD split in eval.json), e.g. "
+                                     "chat:../shared/data/pku-saferlhf/test.jsonl.gz@pku_safety.")
     # Parameter-efficient training
     lora_r: int = option(0, "LoRA rank for the policy (0 = train all weights). With LoRA and no `reference`, "
                          "the reference is the policy with adapters disabled: no second copy.", min=0)
@@ -266,6 +280,10 @@ class EvalConfig:
     reference: str | None = option(None, "Reference for the KL (default: the run's reference or start model).")
     reward_model: str | None = option(None, "Reward model for `reward` (default: the run's, if any).")
     dataset: str | None = option(None, "Prompts (default: the run's dataset).")
+    ood_dataset: str | None = option(None, "Out-of-distribution prompts (default: the run's `ood_dataset`).")
+    judge: str | None = option(None, "A second reward model that scores every response as `judge` (for win rates "
+                               "where the task has no gold reward; train it on data disjoint from the run's "
+                               "reward model, e.g. `pair_split: validation`).")
     eval_prompts: int = option(64, "Held-out prompts per group.", min=1)
     max_new_tokens: int = option(16, "Response length limit.", min=1)
     temperature: float = option(1.0, "Sampling temperature.", min=0, min_exclusive=True)
@@ -413,10 +431,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+PRESETS_KEY = "presets"
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """YAML file (optional) plus ``--set`` overrides, validated into ``cls``."""
+    """YAML file (optional) plus ``--set`` overrides, validated into ``cls``.
+
+    A file may hold named sets of values under ``presets:`` (e.g. ``presets: {small: {max_steps: 20}}``);
+    ``--set preset=small`` applies one over the file's values, and other ``--set`` keys win over it.
+    """
     values = read_yaml(path) if path else {}
-    values.update(parse_overrides(overrides or []))
+    given = parse_overrides(overrides or [])
+    presets = values.pop(PRESETS_KEY, None) or {}
+    name = given.pop("preset", None)
+    if name is not None:
+        if not isinstance(presets, dict) or name not in presets or not isinstance(presets[name], dict):
+            available = ", ".join(sorted(presets)) if isinstance(presets, dict) and presets else "none"
+            raise ConfigError(f"--set preset={name}: {path or 'no config file'} has no preset {name!r} "
+                              f"(presets there: {available}).")
+        values.update(presets[name])
+    values.update(given)
     return build_config(cls, values, source=str(path) if path else cls.__name__)
 
 

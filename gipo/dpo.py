@@ -62,7 +62,8 @@ class DPOTrainer(BaseTrainer):
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         if pairs is None:
             pairs = load_or_sample_pairs(config.dataset, self.tokenizer, config.model, config.num_pairs,
-                                         config.label_noise_temperature, config.seed, self.device, self.output_dir)
+                                         config.label_noise_temperature, config.seed, self.device, self.output_dir,
+                                         config.pair_split)
         self.encoded = encode_dpo_pairs(self.tokenizer, pairs, config.max_length, config.dataset)
         self.sampler = EpochSampler(len(self.encoded), config.seed)
         self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), config.learning_rate,

@@ -2,11 +2,12 @@
 
 Shape of the result (written as ``eval.json``)::
 
-    {"groups": {NAME: {"n", "reward", "gold", "kl", "length"}},
+    {"groups": {NAME: {"n", "reward", "gold", "judge", "kl", "length"}},
      "worst_group": {"name", "reward", "gold"},
-     "ood": {SPLIT: {"n", "reward", "gold", "kl", "length"}}}
+     "ood": {SPLIT: {"n", "reward", "gold", "judge", "kl", "length"}}}
 
-``gold`` is null where the task has no gold reward, ``reward`` where no reward model is given. The
+``gold`` is null where the task has no gold reward, ``reward`` where no reward model is given,
+``judge`` where no judge reward model is given. The
 worst group is chosen by gold reward, else by reward-model score. ``kl`` is the mean over responses
 of sum_t log pi(y_t) - log pi_ref(y_t) on sampled responses (an unbiased estimate of KL per response).
 """
@@ -22,14 +23,14 @@ from typing import Any
 import torch
 
 from gipo.config import ConfigError, EvalConfig, read_yaml
-from gipo.data import encode_prompts, load_prompts, pad_left
+from gipo.data import encode_prompts, fit_to_length, load_prompts, pad_left
 from gipo.rollout import RewardScorer, SamplingSettings, decode_responses, generate, response_logprobs
 from gipo.tasks import PromptRecord, get_task, in_test_split
 
 
 @torch.no_grad()
 def score_prompts(policy, tokenizer, records: list[PromptRecord], *, settings: SamplingSettings,
-                  reference=None, scorer: RewardScorer | None = None,
+                  reference=None, scorer: RewardScorer | None = None, judge: RewardScorer | None = None,
                   gold_reward: Callable[[PromptRecord, str], float] | None = None,
                   batch_size: int = 128, max_prompt_length: int = 512, seed: int = 0,
                   device: torch.device | str = "cpu") -> list[dict[str, Any]]:
@@ -50,12 +51,15 @@ def score_prompts(policy, tokenizer, records: list[PromptRecord], *, settings: S
                 logprobs, _ = response_logprobs(policy, rollout, settings.temperature)
                 ref_logprobs, _ = response_logprobs(reference, rollout, settings.temperature)
                 kl = ((logprobs - ref_logprobs) * rollout.response_mask).sum(-1).cpu()
-            scores = scorer(rollout, [r["prompt"] for r in batch]).cpu() if scorer is not None else None
+            prompts = [r["prompt"] for r in batch]
+            scores = scorer(rollout, prompts).cpu() if scorer is not None else None
+            judged = judge(rollout, prompts).cpu() if judge is not None else None
             lengths = rollout.lengths.cpu()
             for i, record in enumerate(batch):
                 rows.append({
                     "group": record["group"], "response": texts[i],
                     "reward": None if scores is None else float(scores[i]),
+                    "judge": None if judged is None else float(judged[i]),
                     "gold": None if gold_reward is None else float(gold_reward(record, texts[i])),
                     "kl": float(kl[i]) if reference is not None else None, "length": float(lengths[i]),
                 })
@@ -70,7 +74,8 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"n": len(rows), **{key: _mean([r[key] for r in rows]) for key in ("reward", "gold", "kl", "length")}}
+    return {"n": len(rows), **{key: _mean([r.get(key) for r in rows])
+                               for key in ("reward", "gold", "judge", "kl", "length")}}
 
 
 def summarize_by_group(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -95,42 +100,66 @@ def build_report(test_rows: list[dict[str, Any]], ood_rows: dict[str, list[dict[
             "ood": {split: summarize(rows) for split, rows in ood_rows.items()}}
 
 
-def evaluation_prompts(dataset: str, n_per_group: int) -> tuple[list[PromptRecord], dict[str, list[PromptRecord]],
-                                                                 Callable[[PromptRecord, str], float] | None]:
-    """Held-out test prompts, OOD splits and the gold reward (None without one) for ``dataset``.
+GoldReward = Callable[[PromptRecord, str], float]
+
+
+def evaluation_prompts(dataset: str, n_per_group: int, ood_dataset: str | None = None
+                       ) -> tuple[list[PromptRecord], GoldReward | None,
+                                  dict[str, tuple[list[PromptRecord], GoldReward | None]]]:
+    """Held-out test prompts and their gold reward (None without one) for ``dataset``, and the OOD
+    splits with theirs: the task's own, and each group of ``ood_dataset`` (its test split; no gold).
 
     The prompts do not depend on the run's seed, so every run of a comparison meets the same ones.
     """
     task = get_task(dataset)
     if task is not None:
-        ood = {split: task.prompts(split, n_per_group, seed=0) for split in task.ood_splits}
-        return task.prompts("test", n_per_group, seed=0), ood, task.gold_reward
+        test, gold = task.prompts("test", n_per_group, seed=0), task.gold_reward
+        ood = {split: (task.prompts(split, n_per_group, seed=0), gold) for split in task.ood_splits}
+    else:
+        test, gold, ood = _test_prompts_by_group(dataset, n_per_group), None, {}
+    if ood_dataset:
+        for record in _test_prompts_by_group(ood_dataset, n_per_group):
+            if record["group"] in ood and ood[record["group"]][1] is not None:
+                raise ConfigError(f"ood_dataset {ood_dataset}: group {record['group']!r} has the name of one of "
+                                  f"{dataset}'s own OOD splits; name the source's group another way (SOURCE@GROUP).")
+            ood.setdefault(record["group"], ([], None))[0].append(record)
+    return test, gold, ood
+
+
+def _test_prompts_by_group(dataset: str, n_per_group: int) -> list[PromptRecord]:
     records = [r for r in load_prompts(dataset, "test", n_per_group, 0) if in_test_split(str(r["prompt"]))]
     by_group: dict[str, list[PromptRecord]] = defaultdict(list)
     for record in records:
         if len(by_group[record["group"]]) < n_per_group:
             by_group[record["group"]].append(record)
-    return [r for rows in by_group.values() for r in rows], {}, None
+    return [r for rows in by_group.values() for r in rows]
 
 
 def evaluate_policy(policy, tokenizer, dataset: str, *, n_per_group: int, settings: SamplingSettings,
                     reference=None, scorer: RewardScorer | None = None, batch_size: int = 128,
                     max_prompt_length: int = 512, seed: int = 1234, device: torch.device | str = "cpu",
-                    rows_path: Path | None = None) -> dict[str, Any]:
-    """The ``eval.json`` report for ``policy`` on ``dataset``'s held-out prompts and OOD splits.
+                    rows_path: Path | None = None, long_prompts: str = "error",
+                    ood_dataset: str | None = None, judge: RewardScorer | None = None) -> dict[str, Any]:
+    """The ``eval.json`` report for ``policy`` on ``dataset``'s held-out prompts and OOD splits (those of
+    the task, and each group of ``ood_dataset``).
 
     With ``rows_path``, every held-out prompt's response and scores are written there (JSON lines, in a
-    fixed prompt order, so two runs' files compare prompt by prompt).
+    fixed prompt order, so two runs' files compare prompt by prompt). ``long_prompts="shorten"`` fits
+    prompts longer than ``max_prompt_length`` as training does (oldest turns dropped, else skipped).
     """
-    test, ood, gold = evaluation_prompts(dataset, n_per_group)
-    kwargs = dict(settings=settings, reference=reference, scorer=scorer, gold_reward=gold, batch_size=batch_size,
+    test, gold, ood = evaluation_prompts(dataset, n_per_group, ood_dataset)
+    if long_prompts == "shorten":
+        test, _ = fit_to_length(tokenizer, test, max_prompt_length, sides=())
+        ood = {split: (fit_to_length(tokenizer, rows, max_prompt_length, sides=())[0], split_gold)
+               for split, (rows, split_gold) in ood.items()}
+    kwargs = dict(settings=settings, reference=reference, scorer=scorer, judge=judge, batch_size=batch_size,
                   max_prompt_length=max_prompt_length, seed=seed, device=device)
-    test_rows = score_prompts(policy, tokenizer, test, **kwargs)
+    test_rows = score_prompts(policy, tokenizer, test, gold_reward=gold, **kwargs)
     if rows_path is not None:
         rows_path.write_text("".join(json.dumps({"prompt": str(r["prompt"]), **row}) + "\n"
                                      for r, row in zip(test, test_rows, strict=True)), encoding="utf-8")
-    return build_report(test_rows,
-                        {split: score_prompts(policy, tokenizer, rows, **kwargs) for split, rows in ood.items()})
+    return build_report(test_rows, {split: score_prompts(policy, tokenizer, rows, gold_reward=split_gold, **kwargs)
+                                    for split, (rows, split_gold) in ood.items()})
 
 
 def detect_stage(run_config: dict[str, Any]) -> str:
@@ -166,12 +195,17 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
     scorer = None
     if reward_path:
         scorer = RewardScorer(load_reward_model(reward_path).to(device), load_tokenizer(reward_path), tokenizer)
+    judge = None
+    if config.judge:
+        judge = RewardScorer(load_reward_model(config.judge).to(device), load_tokenizer(config.judge), tokenizer)
     settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     dataset = config.dataset or run_config.get("eval_dataset") or run_config["dataset"]
     report = evaluate_policy(policy, tokenizer, dataset,
                              n_per_group=config.eval_prompts, settings=settings, reference=reference, scorer=scorer,
                              batch_size=config.batch_size, seed=config.seed, device=device,
                              max_prompt_length=run_config.get("max_prompt_length", 512),
+                             long_prompts=run_config.get("long_prompts", "error"),
+                             ood_dataset=config.ood_dataset or run_config.get("ood_dataset"), judge=judge,
                              rows_path=run_dir / "eval_rows.jsonl")
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
     return report

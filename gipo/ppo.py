@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from gipo import distributed as dist
 from gipo import groups as G
 from gipo.config import ConfigError, PPOConfig
-from gipo.data import EpochSampler, encode_prompts, load_prompts, pad_left
+from gipo.data import EpochSampler, encode_prompts, fit_to_length, load_prompts, pad_left
 from gipo.evaluation import evaluate_policy
 from gipo.kl_control import make_kl_controller
 from gipo.lora import AdapterDisabledReference, apply_lora, load_adapter_weights, save_merged
@@ -115,6 +115,8 @@ class PPOTrainer(BaseTrainer):
         self.scorer = RewardScorer(reward_model, reward_tokenizer, self.tokenizer)
         self.records = prompts if prompts is not None else load_prompts(config.dataset, "train", prompts_per_group,
                                                                         config.seed)
+        if config.long_prompts == "shorten":
+            self.records, _ = fit_to_length(self.tokenizer, self.records, config.max_prompt_length, sides=())
         # Gold rewards need the task's own prompt records; prompts passed in carry no gold.
         self.task = get_task(config.dataset) if prompts is None else None
         self.encoded = encode_prompts(self.tokenizer, [r["prompt"] for r in self.records],
@@ -400,7 +402,9 @@ class PPOTrainer(BaseTrainer):
         """The ``eval.json`` report of the current policy (held-out prompts, OOD splits)."""
         return evaluate_policy(self.policy, self.tokenizer, self.config.dataset,
                                n_per_group=n_per_group or self.config.eval_prompts, settings=self.settings,
-                               reference=self.reference, scorer=self.scorer, device=self.device)
+                               reference=self.reference, scorer=self.scorer, device=self.device,
+                               max_prompt_length=self.config.max_prompt_length,
+                               long_prompts=self.config.long_prompts, ood_dataset=self.config.ood_dataset)
 
     def eval_metrics(self) -> dict[str, float]:
         report = self.evaluate()

@@ -66,11 +66,12 @@ def sample_preference_pairs(policy, tokenizer, task: Task, num_pairs: int, noise
 
 
 def load_or_sample_pairs(dataset: str, tokenizer, policy_path: str, num_pairs: int, noise_temperature: float,
-                         seed: int, device: torch.device, out_dir: Path) -> list[dict[str, Any]]:
-    """Pairs from a file or dataset id; for a task, sampled from ``policy_path`` and saved to ``out_dir/pairs.jsonl``."""
+                         seed: int, device: torch.device, out_dir: Path, split: str = "train") -> list[dict[str, Any]]:
+    """Pairs of ``split`` of a file or dataset id; for a task, sampled from ``policy_path`` and saved to
+    ``out_dir/pairs.jsonl``."""
     task = get_task(dataset)
     if task is None:
-        return load_preference_pairs(dataset)
+        return load_preference_pairs(dataset, split)
     policy = load_causal_lm(policy_path).to(device)
     pairs = sample_preference_pairs(policy, tokenizer, task, num_pairs, noise_temperature, seed, SamplingSettings(),
                                     device=device)
@@ -114,7 +115,8 @@ class RewardTrainer(BaseTrainer):
         self.tokenizer = tokenizer or load_tokenizer(config.model)
         if pairs is None:
             pairs = load_or_sample_pairs(config.dataset, self.tokenizer, config.model, config.num_pairs,
-                                         config.label_noise_temperature, config.seed, self.device, self.output_dir)
+                                         config.label_noise_temperature, config.seed, self.device, self.output_dir,
+                                         config.pair_split)
         if config.long_examples == "shorten":
             pairs, self.shortened = fit_to_length(self.tokenizer, pairs, config.max_length)
         self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)

@@ -137,3 +137,12 @@ def test_paired_differences_subtract_the_baseline_seed_by_seed():
     # ood: 0, -0.2 -> mean -0.1, sd sqrt(0.02) -> ci 12.706 * 0.1414 / 1.414 = 1.2706
     assert diff["ood_long_gold"]["mean"] == pytest.approx(-0.1)
     assert diff["ood_long_gold"]["ci95"] == pytest.approx(1.2706, rel=1e-3)
+
+
+def test_win_rates_without_gold_take_the_judge_over_the_runs_own_reward_model():
+    # reward says a wins both; the judge says b wins one, ties the other; without a judge, reward decides.
+    rows = {"a": [[{"gold": None, "judge": 0.0, "reward": 5.0}, {"gold": None, "judge": 1.0, "reward": 5.0}]],
+            "b": [[{"gold": None, "judge": 0.5, "reward": 1.0}, {"gold": None, "judge": 1.0, "reward": 1.0}]]}
+    assert win_rates(["a", "b"], rows)["a_vs_b"] == {"win": 0.0, "tie": 0.5, "lose": 0.5, "judge": "judge"}
+    unjudged = {name: [[{**r, "judge": None} for r in seed] for seed in runs] for name, runs in rows.items()}
+    assert win_rates(["a", "b"], unjudged)["a_vs_b"] == {"win": 1.0, "tie": 0.0, "lose": 0.0, "judge": "reward"}

@@ -12,6 +12,7 @@ from gipo import PPOConfig, PPOTrainer, build_config
 from gipo.checkpoint import list_checkpoints, verify
 from gipo.cli import main
 from gipo.config import METHOD_PRESETS, EvalConfig
+from gipo.data import DataError
 from gipo.evaluation import evaluate_run
 from tests.conftest import QUIET
 
@@ -205,3 +206,59 @@ def test_reward_model_with_its_own_tokenizer_reads_its_own_layout(monkeypatch):
     assert seen[-1][0][0].tolist() == expected + [reward_tok.eos_token_id]
     RewardScorer(None, reward_tok, policy_tok, max_length=5)(rollout, [prompt])
     assert seen[-1][0][0].tolist() == expected[-4:] + [reward_tok.eos_token_id]  # the response survives
+
+
+def _models_in_hand(pipeline):
+    sft_dir, rm_dir = pipeline["sft"] / "final", pipeline["rm"] / "final"
+    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+    return dict(policy=AutoModelForCausalLM.from_pretrained(sft_dir), tokenizer=tokenizer,
+                reward_model=AutoModelForSequenceClassification.from_pretrained(rm_dir), reward_tokenizer=tokenizer)
+
+
+def test_long_chat_prompts_lose_their_oldest_turns_with_long_prompts_shorten(tiny_pipeline, tmp_path):
+    history = [{"role": "user", "content": "copy abcdefghij="}, {"role": "assistant", "content": "abcdefghij"}] * 2
+    prompts = [{"prompt": history + [{"role": "user", "content": f"copy {w}="}], "group": "copy"}
+               for w in ("abc", "ghij", "bcd", "aaa")]
+    settings = {**TINY_PPO, "batch_size": 4, "mini_batch_size": 2, "max_prompt_length": 40}
+    with pytest.raises(DataError, match="longer than the allowed 40"):
+        PPOTrainer(PPOConfig(**settings), prompts=prompts, output_dir=tmp_path / "strict",
+                   **_models_in_hand(tiny_pipeline))
+    trainer = PPOTrainer(PPOConfig(**settings, long_prompts="shorten"), prompts=prompts, output_dir=tmp_path / "fit",
+                         **_models_in_hand(tiny_pipeline))
+    assert len(trainer.records) == 4 and all(len(ids) <= 40 for ids in trainer.encoded)
+    for kept, given in zip(trainer.records, prompts, strict=True):
+        assert kept["prompt"] == given["prompt"][-len(kept["prompt"]):] and len(kept["prompt"]) < len(given["prompt"])
+    trainer.train()
+
+
+def test_ood_dataset_groups_are_evaluated_as_ood_splits_without_gold(tiny_pipeline, tmp_path):
+    from itertools import product
+
+    from gipo.evaluation import evaluation_prompts
+    from gipo.tasks import in_test_split
+
+    path = tmp_path / "ood.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"copy {''.join(w)}=", "group": "far"}) + "\n"
+                            for w in product("abcdef", repeat=3)))
+    _, gold, ood = evaluation_prompts("builtin", 5, str(path))
+    assert gold is not None and set(ood) == {"long", "far"}
+    rows, far_gold = ood["far"]
+    assert len(rows) == 5 and far_gold is None and all(in_test_split(r["prompt"]) for r in rows)
+    config = PPOConfig(**{**TINY_PPO, "eval_prompts": 5}, ood_dataset=str(path))
+    report = PPOTrainer(config, output_dir=tmp_path / "run", prompts_per_group=8,
+                        **_models_in_hand(tiny_pipeline)).evaluate()
+    assert report["ood"]["far"]["n"] == 5 and report["ood"]["far"]["gold"] is None
+    assert report["ood"]["far"]["reward"] is not None and report["ood"]["long"]["gold"] is not None
+
+
+def test_gipo_eval_with_a_judge_scores_every_response_with_it(tiny_pipeline, tmp_path):
+    run = tmp_path / "run"
+    PPOTrainer(build_config(PPOConfig, {**TINY_PPO, "max_steps": 1, "policy": str(tiny_pipeline["sft"] / "final"),
+                                        "reward_model": str(tiny_pipeline["rm"] / "final")}),
+               output_dir=run, prompts_per_group=8).train()
+    # The judge here is the SFT model's backbone with a fresh score head: any other reward model would do.
+    report = evaluate_run(run, EvalConfig(eval_prompts=3, device="cpu", judge=str(tiny_pipeline["sft"] / "final")))
+    rows = [json.loads(line) for line in (run / "eval_rows.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["judge"], float) for r in rows)
+    assert all(r["judge"] != r["reward"] for r in rows)
+    assert all(group["judge"] is not None for group in report["groups"].values())

@@ -375,6 +375,17 @@ def test_hh_configs_load_and_name_real_sources(monkeypatch):
     assert [(s.format, s.group) for s in sources] == [("hh", "helpful"), ("hh", "harmless")]
     if DATA.is_dir():
         assert all(Path(s.location).exists() for s in sources)
+    judge = load_config(RewardConfig, ROOT / "configs" / "hh_rm_judge.yaml")
+    assert (judge.dataset, judge.pair_split, rm.pair_split) == (rm.dataset, "validation", "train")
+    small_rm = load_config(RewardConfig, ROOT / "configs" / "hh_rm.yaml", ["preset=small"])
+    assert (small_rm.max_steps, small_rm.max_length) == (60, 256)
+    for name in ("hh_ppo.yaml", "hh_gipo.yaml"):
+        small = load_config(PPOConfig, ROOT / "configs" / name, ["preset=small"])
+        assert (small.batch_size, small.max_new_tokens, small.max_steps, small.long_prompts) == (8, 32, 30, "shorten")
+        ood = parse_spec(small.ood_dataset)
+        assert [(s.format, s.group) for s in ood] == [("chat", "pku_safety")]
+        if DATA.is_dir():
+            assert Path(ood[0].location).exists()
 
 
 def test_reward_trainer_shortens_long_chat_pairs_when_asked(tmp_path):
@@ -402,3 +413,24 @@ def _tiny_reward_model():
     config = build_embedded_model(build_embedded_tokenizer()).config
     config.num_labels = 1
     return LlamaForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_reward_and_dpo_trainers_read_only_their_split_of_a_file(tmp_path, split):
+    """A reward model (or DPO) never trains on the prompts evaluation tests on; a judge can take another split."""
+    from gipo.config import DPOConfig, RewardConfig, build_config
+    from gipo.dpo import DPOTrainer
+    from gipo.reward import RewardTrainer
+    from gipo.tasks import split_of
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"copy {a}{b}=", "chosen": f"{a}{b}", "rejected": f"{b}{a}"}) + "\n"
+                            for a in "abcdefgh" for b in "abcdefgh"))
+    settings = {"model": "embedded", "dataset": f"pairs:{path}", "progress": False, "device": "cpu",
+                "eval_fraction": 0.0, "pair_split": split}
+    trainer = RewardTrainer(build_config(RewardConfig, settings), model=_tiny_reward_model(), output_dir=tmp_path / "rm")
+    assert trainer.train_pairs and {split_of(p["prompt"]) for p in trainer.train_pairs} == {split}
+    dpo_settings = {k: v for k, v in settings.items() if k != "eval_fraction"}
+    dpo = DPOTrainer(build_config(DPOConfig, dpo_settings), output_dir=tmp_path / "dpo")
+    expected = sum(split_of(f"copy {a}{b}=") == split for a in "abcdefgh" for b in "abcdefgh")
+    assert len(dpo.encoded) == expected
