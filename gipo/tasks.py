@@ -11,6 +11,7 @@ Register your own with :func:`register_task`.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,9 +31,25 @@ class Task:
     gold_reward: Callable[[PromptRecord, str], float]
     demonstration: Callable[[PromptRecord, random.Random], str] | None = None
     ood_splits: list[str] = field(default_factory=list)
+    train_shares: dict[str, float] = field(default_factory=dict)
+    """Per group, the fraction of ``n_per_group`` it keeps in the train split (default 1): a minority domain
+    has fewer prompts for SFT, the reward model's pairs and PPO alike (every ``prompts("train", ...)`` call;
+    ``shares=False`` draws evenly). It keeps the first prompts of the even draw, so the other groups' prompts
+    do not change. Test, validation and OOD splits stay ``n_per_group`` per group."""
 
-    def prompts(self, split: str, n_per_group: int, seed: int) -> list[PromptRecord]:
-        return self.make_split(split, n_per_group, random.Random(f"{self.name}/{split}/{seed}"))
+    def prompts(self, split: str, n_per_group: int, seed: int, *, shares: bool = True) -> list[PromptRecord]:
+        records = self.make_split(split, n_per_group, random.Random(f"{self.name}/{split}/{seed}"))
+        if split != "train" or not shares or not self.train_shares:
+            return records
+        keep = {g: math.ceil(n_per_group * share) for g, share in self.train_shares.items()}
+        kept: dict[str, int] = {}
+        out = []
+        for record in records:
+            g = record["group"]
+            kept[g] = kept.get(g, 0) + 1
+            if g not in keep or kept[g] <= keep[g]:
+                out.append(record)
+        return out
 
 
 _TASKS: dict[str, Task] = {}
@@ -91,11 +108,27 @@ def _builtin_record(group: str, rng: random.Random, lengths: tuple[int, int]) ->
         b = rng.randint(10 ** (digits - 1), 10**digits - 1)
         return {"prompt": f"add {a}+{b}=", "group": group, "target": str(a + b)}
     word = _letters(rng, lengths)
-    target = {"copy": word, "reverse": word[::-1], "sort": "".join(sorted(word))}[group]
-    return {"prompt": f"{group} {word}=", "group": group, "target": target}
+    return {"prompt": f"{group} {word}=", "group": group, "target": _OPS[group](word)}
 
+
+def swap_pairs(word: str) -> str:
+    """Swap each adjacent pair of characters: ``abcde`` -> ``badce`` (an odd last character stays)."""
+    chars = list(word)
+    for i in range(0, len(chars) - 1, 2):
+        chars[i], chars[i + 1] = chars[i + 1], chars[i]
+    return "".join(chars)
+
+
+_OPS: dict[str, Callable[[str], str]] = {
+    "copy": lambda w: w, "reverse": lambda w: w[::-1], "sort": lambda w: "".join(sorted(w)), "swap": swap_pairs,
+}
 
 BUILTIN_GROUPS = ["copy", "sort", "reverse", "add"]
+
+MINORITY = "swap"
+MINORITY_SHARE = 1 / 6
+"""``builtin_swap``: the swap domain's training prompts per normal domain's (SFT, reward-model pairs, PPO)."""
+SWAP_GROUPS = [*BUILTIN_GROUPS, MINORITY]
 
 
 SPLITS = ("train", "validation", "test")
@@ -123,22 +156,24 @@ def in_test_split(prompt: str | list[dict[str, str]]) -> bool:
     return split_of(prompt) == "test"
 
 
-def _builtin_split(split: str, n_per_group: int, rng: random.Random) -> list[PromptRecord]:
-    if split == "long":
-        records = [_builtin_record(g, rng, _OOD_LENGTHS) for _ in range(n_per_group) for g in ("copy", "reverse")]
-        for r in records:
-            r["group"] = f"long_{r['group']}"
+def _split_over(groups: list[str]) -> Callable[[str, int, random.Random], list[PromptRecord]]:
+    def make_split(split: str, n_per_group: int, rng: random.Random) -> list[PromptRecord]:
+        if split == "long":
+            records = [_builtin_record(g, rng, _OOD_LENGTHS) for _ in range(n_per_group) for g in ("copy", "reverse")]
+            for r in records:
+                r["group"] = f"long_{r['group']}"
+            return records
+        want_test = split == "test"
+        records = []
+        for group in groups:
+            kept = 0
+            while kept < n_per_group:
+                record = _builtin_record(group, rng, _TRAIN_LENGTHS)
+                if in_test_split(record["prompt"]) == want_test:
+                    records.append(record)
+                    kept += 1
         return records
-    want_test = split == "test"
-    records = []
-    for group in BUILTIN_GROUPS:
-        kept = 0
-        while kept < n_per_group:
-            record = _builtin_record(group, rng, _TRAIN_LENGTHS)
-            if in_test_split(record["prompt"]) == want_test:
-                records.append(record)
-                kept += 1
-    return records
+    return make_split
 
 
 def _builtin_gold(record: PromptRecord, response: str) -> float:
@@ -157,8 +192,22 @@ def _builtin_demonstration(record: PromptRecord, rng: random.Random) -> str:
 BUILTIN = register_task(Task(
     name="builtin",
     groups=BUILTIN_GROUPS,
-    make_split=_builtin_split,
+    make_split=_split_over(BUILTIN_GROUPS),
     gold_reward=_builtin_gold,
     demonstration=_builtin_demonstration,
     ood_splits=["long"],
 ))
+
+BUILTIN_SWAP = register_task(Task(
+    name="builtin_swap",
+    groups=SWAP_GROUPS,
+    make_split=_split_over(SWAP_GROUPS),
+    gold_reward=_builtin_gold,
+    demonstration=_builtin_demonstration,
+    ood_splits=["long"],
+    train_shares={MINORITY: MINORITY_SHARE},
+))
+"""The built-in suite plus a minority domain ``swap`` (adjacent pairs swapped: ``swap abcde=`` -> ``badce``)
+with 1/6 of a normal domain's training prompts (SFT, reward-model pairs, PPO) and the same number of test
+prompts as every other domain. Its prompts are drawn from the same distributions as ``builtin``'s (not
+the same draws: a task's random streams are keyed by its name)."""
