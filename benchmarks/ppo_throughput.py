@@ -13,6 +13,7 @@ first call), gipo with the project's python. Sides alternate, ``--repeats`` time
     OMP_NUM_THREADS=1 python benchmarks/ppo_throughput.py --settings tiny --repeats 1 --iterations 3
     python benchmarks/ppo_throughput.py --profile --json ppo_throughput.json
     python benchmarks/ppo_throughput.py --quality                        # default vs plain path
+    python benchmarks/ppo_throughput.py --settings tiny --gipo-set generation_backend=hf   # gipo option A/B
 
 Seconds per iteration are wall time between the ends of consecutive PPO iterations (TRL: its
 ``on_step_end`` callback; gipo: around ``training_step`` inside ``train()``), so both include the
@@ -434,7 +435,8 @@ def run_trl(spec: dict, profile: bool) -> dict:
                          "transformers": transformers.__version__}}
 
 
-def plain_response_logprobs(model, rollout, temperature: float, with_entropy: bool = False):
+def plain_response_logprobs(model, rollout, temperature: float, with_entropy: bool = False,
+                            entropy_grad: bool = False):
     """The straightforward path: full logits for every position, a full log_softmax, then gather."""
     import torch
 
@@ -446,7 +448,8 @@ def plain_response_logprobs(model, rollout, temperature: float, with_entropy: bo
     logits = logits[:, rollout.query_ids.shape[1] - 1:-1].float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
-    return picked, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    return picked, (entropy if entropy is None or entropy_grad else entropy.detach())
 
 
 def plain_optimizer(make_optimizer):
@@ -488,6 +491,23 @@ def measure_floor(trainer, batch: int, repeats: int = 3) -> dict:
             "forward_s": forward_s, "total_s": statistics.median(generate_s) + statistics.median(backward_s)}
 
 
+PLAIN_OPTIONS = {"generation_backend": "hf", "reuse_generation_logprobs": False, "fused_optimizer": False}
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` gipo PPOConfig settings (VALUE read as JSON where it parses, else as a string)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--gipo-set takes KEY=VALUE, got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
 def run_gipo(spec: dict, method: str, profile: bool, variant: str) -> dict:
     import torch
     import transformers
@@ -514,6 +534,8 @@ def run_gipo(spec: dict, method: str, profile: bool, variant: str) -> dict:
         "clip_range": CLIP, "clip_range_value": CLIP_VALUE, "gamma": GAMMA, "lam": LAM,
         "max_prompt_length": 64, "eval_every": 0, "checkpoint_every": 10**6, "progress": False,
         "device": "cpu", "seed": spec["seed"],
+        # The plain variant also samples with HF generate, scores with a policy forward and steps a plain AdamW.
+        **(PLAIN_OPTIONS if variant == "plain" else spec.get("gipo_overrides", {})),
     }, source="ppo_throughput")
     records = [{"prompt": p, "group": "all"} for p in spec["prompts"]]
     trainer = PPOTrainer(config, prompts=records, output_dir=spec["run_dir"], overwrite=True)
@@ -624,7 +646,8 @@ def run_side(spec: dict, side: str, label: str, work: Path, args, python: str, v
     run_dir = work / f"{label}-{side}".replace("/", "of").replace(" ", "-")
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path, out = run_dir / "spec.json", run_dir / "result.json"
-    spec_path.write_text(json.dumps({**spec, "run_dir": str(run_dir / "run")}))
+    spec_path.write_text(json.dumps({**spec, "run_dir": str(run_dir / "run"),
+                                     "gipo_overrides": parse_overrides(args.gipo_set)}))
     started = time.perf_counter()
     command = ["--child", "run", "--side", side, "--spec", str(spec_path), "--out", str(out),
                "--variant", variant]
@@ -771,8 +794,9 @@ def benchmark(args) -> dict:
 
 
 def quality(args) -> dict:
-    """gipo ppo on tiny, same seed, twice: the default (fast) path, and a plain one (full logits and a full
-    log_softmax for every log-probability, AdamW without foreach/fused kernels): reward curves."""
+    """gipo ppo on tiny, same seed, twice: the default (fast) path, and a plain one (HF generate, a policy
+    forward for the old log-probabilities, full logits and a full log_softmax for every log-probability,
+    AdamW without foreach/fused kernels): reward curves."""
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ppo_quality-"))
     try:
         spec = prepare_setting("tiny", work, args)
@@ -815,6 +839,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in every run (default: OMP_NUM_THREADS or torch's own choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gipo-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a gipo PPOConfig setting for the gipo sides (repeatable), e.g. "
+                        "--gipo-set generation_backend=fast; --quality's plain run ignores them")
     parser.add_argument("--workdir", default=None,
                         help="keep models and logs here (default: a temp folder, removed at the end)")
     parser.add_argument("--hh-path", default=str(HH_HARMLESS), help="HH-RLHF harmless-base test.jsonl.gz")

@@ -97,6 +97,9 @@ class RewardConfig(RunConfig):
     long_examples: str = option("error", "A pair longer than max_length: error, or shorten (drop a chat "
                                 "prompt's oldest turns; drop the pair if it still does not fit).",
                                 choices=("error", "shorten"))
+    extra_eval: str | None = option(None, "Other preference data to report accuracy on, per group, in eval.json's "
+                                    "`extra` (a dataset spec, e.g. bigbench:../shared/data/bigbench-hhh); fitted "
+                                    "to max_length like the training pairs when long_examples=shorten.")
 
 
 @dataclass
@@ -173,9 +176,21 @@ class PPOConfig(RunConfig):
     max_new_tokens: int = option(16, "Response length limit.", min=1)
     temperature: float = option(1.0, "Sampling temperature (also used to score log-probabilities).",
                                 min=0, min_exclusive=True)
-    top_k: int = option(0, "Top-k sampling (0 = off).", min=0)
+    top_k: int = option(0, "Top-k sampling; 0 leaves transformers' default in place, which is top-50 (a known "
+                        "quirk kept so that published results reproduce; set top_k to the vocabulary size for none).",
+                        min=0)
     top_p: float = option(1.0, "Nucleus sampling mass.", min=0, max=1, min_exclusive=True)
     stop_on_eos: bool = option(True, "End a response at the EOS token.")
+    generation_backend: str = option(
+        "hf", "Sampling loop: fast (gipo's own: one cached forward per token, the same draws as HF generate up to "
+        "float rounding; HF generate where the model has no KV cache) or hf (transformers' generate).",
+        choices=("fast", "hf"))
+    reuse_generation_logprobs: bool = option(
+        False, "Take the old policy's log-probabilities from sampling (the fast backend records them, equal to a "
+        "forward's within float rounding) instead of one more policy forward. Used only with the fast backend "
+        "and a policy without active dropout, in fp32 (with bf16 autocast or dropout the forward runs).")
+    fused_optimizer: bool = option(False, "AdamW with torch's fused kernel (CPU and CUDA): fewer, larger ops per "
+                                   "step; the same update up to float rounding.")
     missing_eos_penalty: float | None = option(None, "Subtracted from the score of a response without EOS.", min=0)
     # Reward
     normalize_reward: bool = option(True, "Whiten reward-model scores with running mean and std.")

@@ -13,6 +13,7 @@ The math lives in ``gipo.losses`` and ``gipo.groups``; this file only wires it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ from gipo.rollout import (
     SamplingSettings,
     critic_values,
     decode_responses,
+    fast_sampling_supported,
     generate,
+    has_active_dropout,
     response_logprobs,
 )
 from gipo.tasks import get_task
@@ -147,16 +150,24 @@ class PPOTrainer(BaseTrainer):
         self.critic = critic.to(self.device)
         self.sampler = EpochSampler(len(self.records), config.seed)
         self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), config.learning_rate,
-                                                        config.weight_decay, config.warmup_steps)
+                                                        config.weight_decay, config.warmup_steps,
+                                                        config.fused_optimizer)
         self.critic_optimizer, self.critic_scheduler = make_optimizer(
-            self.critic.parameters(), config.critic_learning_rate, config.weight_decay, config.warmup_steps)
+            self.critic.parameters(), config.critic_learning_rate, config.weight_decay, config.warmup_steps,
+            config.fused_optimizer)
         self.kl_ctl = make_kl_controller(config.kl_coef, config.adaptive_kl, config.target_kl, config.kl_horizon)
         self.score_moments = RunningMoments()
         self.group_returns_ema: torch.Tensor | None = None
         self.dro_weights = torch.full((self.num_groups,), 1.0 / self.num_groups)
         self.gain_baseline: dict[int, float] = {}
         self.settings = SamplingSettings(config.max_new_tokens, config.temperature, config.top_k, config.top_p,
-                                         config.stop_on_eos)
+                                         config.stop_on_eos, config.generation_backend)
+        # Sampling log-probabilities stand in for the old policy's only where a forward would give the same
+        # numbers: the fast loop records them, no dropout makes the training-mode forward differ, and no bf16
+        # autocast rounds the training forwards differently from the cached sampling ones.
+        self.reuse_logprobs = (config.reuse_generation_logprobs and config.generation_backend == "fast"
+                               and fast_sampling_supported(self.policy) and not has_active_dropout(self.policy)
+                               and isinstance(self.autocast(), contextlib.nullcontext))
         self.reduce = dist.global_sum
         processes = dist.world_size()
         if config.batch_size % processes or config.mini_batch_size % processes:
@@ -186,10 +197,11 @@ class PPOTrainer(BaseTrainer):
         config = self.config
         ids, mask = pad_left([self.encoded[i] for i in indices], self.tokenizer.pad_token_id)
         rollout = generate(self.policy, ids.to(self.device), mask.to(self.device), self.tokenizer.eos_token_id,
-                           self.tokenizer.pad_token_id, self.settings)
+                           self.tokenizer.pad_token_id, self.settings, with_logprobs=self.reuse_logprobs)
         response_mask = rollout.response_mask
         with self.autocast():
-            logprobs, _ = response_logprobs(self.policy, rollout, config.temperature)
+            logprobs = (rollout.sampled_logprobs if self.reuse_logprobs
+                        else response_logprobs(self.policy, rollout, config.temperature)[0])
             ref_logprobs, _ = response_logprobs(self.reference, rollout, config.temperature)
             values, group_logits = critic_values(self.critic, rollout)
             raw_scores = self.scorer(rollout, [self.records[i]["prompt"] for i in indices])

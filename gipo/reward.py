@@ -167,8 +167,18 @@ class RewardTrainer(BaseTrainer):
         return {"groups": groups, "accuracy": sum(total) / len(total) if total else None}
 
     def on_train_end(self) -> None:
-        if self.eval_pairs:
-            (self.output_dir / "eval.json").write_text(json.dumps(self.evaluate(), indent=2))
+        report = self.evaluate() if self.eval_pairs else {}
+        if self.config.extra_eval:
+            report["extra"] = self.evaluate_extra()
+        if report:
+            (self.output_dir / "eval.json").write_text(json.dumps(report, indent=2))
+
+    def evaluate_extra(self) -> dict[str, Any]:
+        """Accuracy on the ``extra_eval`` pairs (all of them), per group."""
+        pairs = load_preference_pairs(self.config.extra_eval)
+        if self.config.long_examples == "shorten":
+            pairs, _ = fit_to_length(self.tokenizer, pairs, self.config.max_length)
+        return {"dataset": self.config.extra_eval, **self.evaluate(pairs)}
 
     def load_weights(self, folder: Path) -> None:
         self.model.load_state_dict(load_reward_model(str(folder)).state_dict())

@@ -15,6 +15,10 @@ from transformers import GenerationConfig, PreTrainedModel
 from gipo.losses import entropy_from_logits, logprobs_from_logits
 from gipo.models import position_ids_from_mask
 
+# HF generate fills an unset top_k from GenerationConfig's default, 50, and ``generate`` below leaves it unset for
+# top_k=0; the fast loop does the same, so that both backends sample from the same distribution.
+HF_DEFAULT_TOP_K = 50
+
 
 @dataclass
 class SamplingSettings:
@@ -23,6 +27,7 @@ class SamplingSettings:
     top_k: int = 0
     top_p: float = 1.0
     stop_on_eos: bool = True
+    backend: str = "hf"  # "fast": gipo's own sampling loop (KV cache), "hf": transformers' generate
 
 
 @dataclass
@@ -32,6 +37,9 @@ class Rollout:
     response_ids: torch.Tensor  # (B, Tr), right-padded
     response_mask: torch.Tensor  # (B, Tr) float, 1 up to and including EOS
     has_eos: torch.Tensor  # (B,) bool
+    # (B, Tr) log-probabilities of the response tokens under the sampling policy at the sampling temperature
+    # (before top-k / top-p), 0 past the mask; only when asked for (``generate(..., with_logprobs=True)``).
+    sampled_logprobs: torch.Tensor | None = None
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -47,7 +55,8 @@ class Rollout:
 
     def select(self, index: torch.Tensor) -> Rollout:
         return Rollout(self.query_ids[index], self.query_mask[index], self.response_ids[index],
-                       self.response_mask[index], self.has_eos[index])
+                       self.response_mask[index], self.has_eos[index],
+                       None if self.sampled_logprobs is None else self.sampled_logprobs[index])
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +71,15 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int | None) -> tu
 
 @torch.no_grad()
 def generate(model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id: int,
-             pad_id: int, settings: SamplingSettings, greedy: bool = False) -> Rollout:
+             pad_id: int, settings: SamplingSettings, greedy: bool = False, with_logprobs: bool = False) -> Rollout:
+    """Sample responses (``greedy``: argmax). ``settings.backend`` "fast" runs :func:`sample_fast` where the
+    model supports it (a decoder-only model with a KV cache) and HF ``generate`` otherwise.
+    ``with_logprobs`` fills ``Rollout.sampled_logprobs`` (the fast loop gets them for free; with HF
+    generate they come from one more forward)."""
+    if settings.backend == "fast" and fast_sampling_supported(model):
+        return sample_fast(model, query_ids, query_mask, eos_id, pad_id, settings, greedy, with_logprobs)
+    if settings.backend not in ("fast", "hf"):
+        raise ValueError(f"unknown generation backend {settings.backend!r} (fast or hf)")
     config = GenerationConfig(
         do_sample=not greedy, max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature if not greedy else None,
@@ -73,11 +90,133 @@ def generate(model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.
     was_training = model.training
     model.eval()
     out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
-    model.train(was_training)
     response_ids = out[:, query_ids.shape[1]:]
     mask, has_eos = response_mask_from_ids(response_ids, eos_id if settings.stop_on_eos else None)
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
-    return Rollout(query_ids, query_mask, response_ids, mask, has_eos)
+    rollout = Rollout(query_ids, query_mask, response_ids, mask, has_eos)
+    if with_logprobs:
+        rollout.sampled_logprobs = response_logprobs(model, rollout, settings.temperature)[0] * mask
+    model.train(was_training)
+    return rollout
+
+
+def _model_config(model):
+    config = getattr(model, "config", None)
+    return config if config is not None else getattr(getattr(model, "model", None), "config", None)
+
+
+def _cache_keyword(model) -> str:
+    """transformers 5 names a forward's KV cache ``cache``; earlier versions ``past_key_values``."""
+    import inspect
+
+    while not isinstance(model, PreTrainedModel) and getattr(model, "model", None) is not None:
+        model = model.model  # AdapterDisabledReference, PeftModel, LoraModel
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def fast_sampling_supported(model) -> bool:
+    """A decoder-only causal LM (or a PEFT / adapter-disabled wrapper of one) that returns a KV cache."""
+    config = _model_config(model)
+    return (config is not None and not getattr(config, "is_encoder_decoder", False)
+            and getattr(config, "use_cache", True) is not False)
+
+
+def _stop_ids(model, eos_id: int | None, device) -> torch.Tensor | None:
+    """Tokens that end a row, as HF generate picks them: ``eos_id``, or without one the EOS of the model's
+    own generation config (rows still end there, and are padded after it, with ``stop_on_eos=False``)."""
+    if eos_id is None:
+        while getattr(model, "generation_config", None) is None and getattr(model, "model", None) is not None:
+            model = model.model
+        eos_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_id is None:
+        return None
+    return torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
+
+
+def has_active_dropout(model) -> bool:
+    """Whether a training-mode forward of ``model`` is random: a dropout module with p > 0, or an attention
+    dropout in its config."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = _model_config(model)
+    return any(float(getattr(config, name, 0) or 0) > 0 for name in ("attention_dropout", "attn_pdrop",
+                                                                    "attention_probs_dropout_prob"))
+
+
+def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k, then top-p (nucleus) filtering of (B, V) scores, exactly as HF's warpers do it: filtered
+    tokens get -inf; ties at the k-th score are kept; top-p keeps the smallest set of the most likely tokens
+    whose mass reaches ``top_p`` (at least one)."""
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]))[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, sorted_indices = torch.sort(scores, descending=False)
+        remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(1, sorted_indices, remove), float("-inf"))
+    return scores
+
+
+@torch.no_grad()
+def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id: int, pad_id: int,
+                settings: SamplingSettings, greedy: bool = False, with_logprobs: bool = False) -> Rollout:
+    """gipo's own sampling loop: one prefill, then one cached forward per token, with no per-token
+    machinery beyond the model call. It follows HF ``generate`` step for step (same positions, same
+    filtering, top_k=0 included, one ``torch.multinomial`` draw per step over the whole batch, pad after
+    EOS, stop once every row has ended), so greedy decoding gives HF's tokens and sampling draws the same
+    random numbers (the tokens agree up to float rounding in the logits).
+    The log-probabilities of the sampled tokens (at ``settings.temperature``, before filtering) come
+    with it when ``with_logprobs``."""
+    from transformers import DynamicCache
+
+    was_training = model.training
+    model.eval()
+    batch, steps = query_ids.shape[0], settings.max_new_tokens
+    mask = query_mask.long()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as HF generate
+    next_position = mask.sum(-1, keepdim=True)
+    tokens = torch.full((batch, steps), pad_id, dtype=query_ids.dtype, device=query_ids.device)
+    logprobs = torch.zeros(batch, steps, device=query_ids.device) if with_logprobs else None
+    unfinished = torch.ones(batch, dtype=torch.bool, device=query_ids.device)
+    stop_ids = _stop_ids(model, eos_id if settings.stop_on_eos else None, query_ids.device)
+    cache = {_cache_keyword(model): DynamicCache(config=_model_config(model))}
+    logits = model(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=1, **cache).logits[:, -1].float()
+    done = 0
+    for step in range(steps):
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            scores = logits / settings.temperature if settings.temperature != 1.0 else logits
+            scores = filter_logits(scores, settings.top_k or HF_DEFAULT_TOP_K, settings.top_p)
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        if stop_ids is not None:
+            token = torch.where(unfinished, token, torch.full_like(token, pad_id))
+        if logprobs is not None:
+            logprobs[:, step] = torch.log_softmax(logits / settings.temperature, dim=-1).gather(
+                -1, token[:, None]).squeeze(1)
+        tokens[:, step] = token
+        done = step + 1
+        if stop_ids is not None:
+            unfinished &= ~torch.isin(token, stop_ids)
+            if not bool(unfinished.any()):
+                break
+        if done == steps:
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, use_cache=True,
+                       **cache).logits[:, -1].float()
+        next_position = next_position + 1
+    model.train(was_training)
+    response_ids = tokens[:, :done]
+    response_mask, has_eos = response_mask_from_ids(response_ids, eos_id if settings.stop_on_eos else None)
+    response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    if logprobs is not None:
+        logprobs = logprobs[:, :done] * response_mask
+    return Rollout(query_ids, query_mask, response_ids, response_mask, has_eos, logprobs)
 
 
 def response_logprobs(model: PreTrainedModel, rollout: Rollout, temperature: float, with_entropy: bool = False,

@@ -78,8 +78,8 @@ def test_eval_json_shape(tiny_pipeline, tmp_path):
     assert set(report) == {"groups", "worst_group", "ood"}
     assert set(report["groups"]) == {"copy", "sort", "reverse", "add"}
     for summary in [*report["groups"].values(), *report["ood"].values()]:
-        assert set(summary) == {"n", "reward", "gold", "kl", "length"}
-        assert 0.0 <= summary["gold"] <= 1.0 and summary["length"] >= 1
+        assert set(summary) == {"n", "reward", "gold", "judge", "kl", "length"}
+        assert 0.0 <= summary["gold"] <= 1.0 and summary["length"] >= 1 and summary["judge"] is None
     assert report["groups"]["copy"]["n"] == 3 and "long" in report["ood"]
     worst = report["worst_group"]
     assert worst["gold"] == min(g["gold"] for g in report["groups"].values())

@@ -434,3 +434,21 @@ def test_reward_and_dpo_trainers_read_only_their_split_of_a_file(tmp_path, split
     dpo = DPOTrainer(build_config(DPOConfig, dpo_settings), output_dir=tmp_path / "dpo")
     expected = sum(split_of(f"copy {a}{b}=") == split for a in "abcdefgh" for b in "abcdefgh")
     assert len(dpo.encoded) == expected
+
+
+def test_reward_trainer_reports_accuracy_on_extra_preference_data_per_group(tmp_path):
+    from gipo.config import RewardConfig, build_config
+    from gipo.reward import RewardTrainer
+
+    train, extra = tmp_path / "train.jsonl", tmp_path / "extra.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"copy {a}{b}=", "chosen": f"{a}{b}", "rejected": f"{b}{a}"})
+                             + "\n" for a in "abcdefgh" for b in "abcdefgh"))
+    extra.write_text("".join(json.dumps({"prompt": f"sort {a}{b}=", "chosen": "".join(sorted(a + b)),
+                                         "rejected": "x", "group": group}) + "\n"
+                             for group in ("first", "second") for a in "abc" for b in "de"))
+    config = build_config(RewardConfig, {"model": "embedded", "dataset": f"pairs:{train}", "progress": False,
+                                         "device": "cpu", "max_steps": 2, "batch_size": 8, "extra_eval": str(extra)})
+    RewardTrainer(config, model=_tiny_reward_model(), output_dir=tmp_path / "rm").train()
+    report = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    assert report["accuracy"] is not None and report["extra"]["dataset"] == str(extra)
+    assert {name: g["n"] for name, g in report["extra"]["groups"].items()} == {"first": 6, "second": 6}

@@ -1,0 +1,175 @@
+"""The fast sampling loop against HF generate, its log-probabilities, EOS handling and top-k / top-p."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from gipo.models import build_embedded_model, build_embedded_tokenizer
+from gipo.rollout import (
+    SamplingSettings,
+    filter_logits,
+    generate,
+    has_active_dropout,
+    response_logprobs,
+    response_mask_from_ids,
+    sample_fast,
+)
+
+PAD, EOS = 0, 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_embedded_model(build_embedded_tokenizer(), seed=3).eval()
+
+
+def _queries(vocab: int, lengths=(3, 9, 1, 6, 12, 5), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts of different lengths (no pad or EOS inside)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(7, vocab, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def _both(model, ids, mask, settings: SamplingSettings, greedy: bool, eos: int = EOS, seed: int = 0):
+    torch.manual_seed(seed)
+    hf = generate(model, ids, mask, eos, PAD, SamplingSettings(**{**vars(settings), "backend": "hf"}), greedy)
+    torch.manual_seed(seed)
+    fast = generate(model, ids, mask, eos, PAD, SamplingSettings(**{**vars(settings), "backend": "fast"}), greedy,
+                    with_logprobs=True)
+    return hf, fast
+
+
+def _assert_same(a, b):
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert torch.equal(a.response_mask, b.response_mask)
+    assert torch.equal(a.has_eos, b.has_eos)
+
+
+@pytest.mark.parametrize("stop_on_eos", [True, False])
+def test_greedy_equals_hf_generate(model, stop_on_eos):
+    ids, mask = _queries(model.config.vocab_size)
+    hf, fast = _both(model, ids, mask, SamplingSettings(max_new_tokens=12, stop_on_eos=stop_on_eos), greedy=True)
+    _assert_same(hf, fast)
+    # top_k=1 sampling (what the 2-process test uses) is greedy too.
+    _, top1 = _both(model, ids, mask, SamplingSettings(max_new_tokens=12, top_k=1, stop_on_eos=stop_on_eos),
+                    greedy=False)
+    _assert_same(hf, top1)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8), dict(temperature=1.3, top_k=20, top_p=0.9),
+])
+def test_sampling_draws_the_same_tokens_as_hf_generate(model, settings):
+    ids, mask = _queries(model.config.vocab_size)
+    hf, fast = _both(model, ids, mask, SamplingSettings(max_new_tokens=10, **settings), greedy=False, seed=7)
+    _assert_same(hf, fast)
+
+
+def test_eos_ends_rows_and_masks(model):
+    ids, mask = _queries(model.config.vocab_size)
+    greedy = sample_fast(model, ids, mask, EOS, PAD, SamplingSettings(max_new_tokens=10), greedy=True)
+    # A token that greedy decoding emits in row 0 at step 3 serves as EOS: row 0 ends there.
+    eos = int(greedy.response_ids[0, 3])
+    assert eos != PAD
+    hf, fast = _both(model, ids, mask, SamplingSettings(max_new_tokens=10), greedy=True, eos=eos)
+    _assert_same(hf, fast)
+    assert fast.has_eos[0]
+    first = int((fast.response_ids[0] == eos).nonzero()[0])
+    assert fast.response_mask[0, :first + 1].eq(1).all() and fast.response_mask[0, first + 1:].eq(0).all()
+    assert fast.response_ids[0, first + 1:].eq(PAD).all()
+    for row in range(len(ids)):
+        expected, has = response_mask_from_ids(fast.response_ids[row:row + 1], eos)
+        assert torch.equal(fast.response_mask[row:row + 1], expected) and bool(has) == bool(fast.has_eos[row])
+    assert (fast.sampled_logprobs * (1 - fast.response_mask)).eq(0).all()
+
+
+def test_all_rows_ending_stop_early(model):
+    ids, mask = _queries(model.config.vocab_size, lengths=(4,))
+    greedy = sample_fast(model, ids, mask, EOS, PAD, SamplingSettings(max_new_tokens=10), greedy=True)
+    eos = int(greedy.response_ids[0, 2])
+    first = int((greedy.response_ids[0] == eos).nonzero()[0])
+    hf, fast = _both(model, ids, mask, SamplingSettings(max_new_tokens=10), greedy=True, eos=eos)
+    _assert_same(hf, fast)
+    assert fast.response_ids.shape[1] == first + 1 and fast.has_eos.all()
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.7, top_k=10), dict(stop_on_eos=False)])
+def test_sampled_logprobs_equal_a_fresh_forward(model, settings):
+    ids, mask = _queries(model.config.vocab_size)
+    settings = SamplingSettings(max_new_tokens=12, backend="fast", **settings)
+    torch.manual_seed(1)
+    rollout = generate(model, ids, mask, EOS, PAD, settings, with_logprobs=True)
+    fresh, _ = response_logprobs(model, rollout, settings.temperature)
+    torch.testing.assert_close(rollout.sampled_logprobs, fresh * rollout.response_mask, atol=1e-5, rtol=0)
+    # HF generate gives them too (from one more forward), and the same.
+    torch.manual_seed(1)
+    hf = generate(model, ids, mask, EOS, PAD, SamplingSettings(**{**vars(settings), "backend": "hf"}),
+                  with_logprobs=True)
+    torch.testing.assert_close(hf.sampled_logprobs, rollout.sampled_logprobs, atol=1e-5, rtol=0)
+    assert torch.equal(rollout.select(torch.tensor([2, 0])).sampled_logprobs, rollout.sampled_logprobs[[2, 0]])
+
+
+def test_model_stays_in_its_mode_and_hf_fallback():
+    model = build_embedded_model(build_embedded_tokenizer()).train()
+    ids, mask = _queries(model.config.vocab_size)
+    generate(model, ids, mask, EOS, PAD, SamplingSettings(max_new_tokens=3, backend="fast"))
+    assert model.training
+    with pytest.raises(ValueError, match="backend"):
+        generate(model, ids, mask, EOS, PAD, SamplingSettings(max_new_tokens=3, backend="vllm"))
+
+
+def test_active_dropout_detected():
+    tokenizer = build_embedded_tokenizer()
+    assert not has_active_dropout(build_embedded_model(tokenizer))
+    model = build_embedded_model(tokenizer)
+    model.config.attention_dropout = 0.1
+    assert has_active_dropout(model)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert has_active_dropout(gpt2)
+
+
+def test_top_k_top_p_on_hand_made_logits():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0],
+                           [0.0, 0.0, 0.0, 0.0, 0.0]])
+    inf = -math.inf
+    assert torch.equal(filter_logits(logits, top_k=2),
+                       torch.tensor([[2.0, inf, inf, inf, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0]]))  # ties kept
+    # Row 0 probabilities: 3 -> .6364, 2 -> .2341, 1 -> .0861, 0 -> .0317, -1 -> .0117.
+    assert torch.equal(filter_logits(logits[:1], top_p=0.6), torch.tensor([[inf, inf, inf, inf, 3.0]]))
+    assert torch.equal(filter_logits(logits[:1], top_p=0.8), torch.tensor([[2.0, inf, inf, inf, 3.0]]))
+    assert torch.equal(filter_logits(logits[:1], top_p=0.95), torch.tensor([[2.0, 1.0, inf, inf, 3.0]]))
+    assert torch.equal(filter_logits(logits[:1], top_k=3, top_p=0.8), torch.tensor([[2.0, inf, inf, inf, 3.0]]))
+    assert torch.equal(filter_logits(logits, top_p=1.0), logits)
+    # The same as HF's warpers.
+    hf = transformers.TopPLogitsWarper(0.8)(None, transformers.TopKLogitsWarper(3)(None, logits))
+    assert torch.equal(filter_logits(logits, top_k=3, top_p=0.8), hf)
+
+
+def test_ppo_reuses_sampling_logprobs_as_the_old_policys(tiny_pipeline, tmp_path):
+    from gipo.config import PPOConfig, build_config
+    from gipo.ppo import PPOTrainer
+
+    config = build_config(PPOConfig, {
+        "progress": False, "device": "cpu", "max_steps": 1, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1,
+        "max_new_tokens": 6, "eval_every": 0, "policy": str(tiny_pipeline["sft"] / "final"),
+        "reward_model": str(tiny_pipeline["rm"] / "final"), "generation_backend": "fast",
+        "reuse_generation_logprobs": True, "fused_optimizer": True})
+    trainer = PPOTrainer(config, output_dir=tmp_path / "run", prompts_per_group=8)
+    assert trainer.reuse_logprobs
+    experience, _ = trainer.collect_experience(list(range(8)))
+    rollout = experience.rollout
+    with torch.no_grad():
+        fresh, _ = response_logprobs(trainer.policy, rollout, config.temperature)
+    torch.testing.assert_close(experience.old_logprobs, fresh * rollout.response_mask, atol=1e-5, rtol=0)
+    trainer.train()  # and the fused optimizer steps
+    plain = build_config(PPOConfig, {**config.__dict__, "generation_backend": "hf"})
+    assert not PPOTrainer(plain, output_dir=tmp_path / "plain", prompts_per_group=8).reuse_logprobs
