@@ -160,6 +160,10 @@ class PPOConfig(RunConfig):
     reward_model: str = option("runs/demo/rm/final", "Reward model (AutoModelForSequenceClassification, 1 label).")
     critic: str | None = option(None, "Critic backbone (default: the reward model, as in TRL); a value head "
                                 "and a group head are added on top.")
+    shared_critic: bool = option(False, "Value and group heads on the policy's own decoder instead of a critic "
+                                 "model: one forward and backward serve both, and no second model is held. The "
+                                 "value loss (times vf_coef) then trains the policy's weights too; the group head "
+                                 "reads detached hidden states. One process only.")
     dataset: str = option("builtin", "Prompts: a registered task name, a file or a dataset id with a prompt "
                           "(text or chat messages) and optionally a group per row.")
     batch_size: int = option(64, "Prompts per PPO iteration (rollout batch).", min=1)
@@ -274,6 +278,9 @@ class PPOConfig(RunConfig):
                 raise ConfigError(_preset_conflict(method, key, value, given[key]))
 
     def validate(self) -> None:
+        if self.shared_critic and self.critic:
+            raise ConfigError(f"PPOConfig: shared_critic puts the critic's heads on the policy; critic={self.critic!r} "
+                              "names a separate critic model. Set one of them.")
         if self.mini_batch_size > self.batch_size or self.batch_size % self.mini_batch_size:
             raise ConfigError(f"PPOConfig: mini_batch_size ({self.mini_batch_size}) must divide batch_size "
                               f"({self.batch_size}).")

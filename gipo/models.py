@@ -322,25 +322,56 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
-class Critic(nn.Module):
-    """Value model: a backbone, a per-token value head, and a group head over the last token.
+class ValueHeads(nn.Module):
+    """A per-token value head and a group head over the last attended token, on a backbone's hidden states.
 
     The group head gives p(g | x, y) for ``num_groups`` groups from the hidden state of the last
     attended token (METHOD.md: pooling and head shape are not stated in the paper; this is our choice).
+    Alone, these are the critic of ``shared_critic`` PPO, reading the policy's own hidden states.
     """
 
     HEADS_FILE = "critic_heads.safetensors"
 
-    def __init__(self, backbone: PreTrainedModel, num_groups: int = 2):
+    def __init__(self, hidden_size: int, num_groups: int = 2):
         super().__init__()
-        self.backbone = backbone
-        hidden = backbone.config.hidden_size
-        self.value_head = nn.Linear(hidden, 1)
-        self.group_head = nn.Linear(hidden, num_groups)
+        self.value_head = nn.Linear(hidden_size, 1)
+        self.group_head = nn.Linear(hidden_size, num_groups)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         nn.init.normal_(self.group_head.weight, std=0.02)
         nn.init.zeros_(self.group_head.bias)
+
+    def read(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+             detach_group_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token values (B, T) and group logits (B, M) from hidden states (B, T, H)."""
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return self.value_head(hidden).squeeze(-1), self.group_head(last.detach() if detach_group_input else last)
+
+    def load_heads(self, path: Path) -> None:
+        state = load_file(str(path))
+        self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in state.items()
+                                         if k.startswith("value_head.")})
+        group_state = {k[len("group_head."):]: v for k, v in state.items() if k.startswith("group_head.")}
+        if group_state["weight"].shape == self.group_head.weight.shape:
+            self.group_head.load_state_dict(group_state)
+
+    def save_heads(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        heads = {f"value_head.{k}": v.contiguous() for k, v in self.value_head.state_dict().items()}
+        heads.update({f"group_head.{k}": v.contiguous() for k, v in self.group_head.state_dict().items()})
+        save_file(heads, str(path / self.HEADS_FILE))
+        (path / "critic.json").write_text(json.dumps({"num_groups": self.group_head.out_features}))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.save_heads(Path(path))
+
+
+class Critic(ValueHeads):
+    """Value model: a backbone of its own under the value and group heads."""
+
+    def __init__(self, backbone: PreTrainedModel, num_groups: int = 2):
+        super().__init__(backbone.config.hidden_size, num_groups)
+        self.backbone = backbone
 
     @classmethod
     def from_backbone(cls, name: str, num_groups: int = 2, trust_remote_code: bool = False) -> Critic:
@@ -355,27 +386,14 @@ class Critic(nn.Module):
             critic.load_heads(heads)
         return critic
 
-    def load_heads(self, path: Path) -> None:
-        state = load_file(str(path))
-        self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in state.items()
-                                         if k.startswith("value_head.")})
-        group_state = {k[len("group_head."):]: v for k, v in state.items() if k.startswith("group_head.")}
-        if group_state["weight"].shape == self.group_head.weight.shape:
-            self.group_head.load_state_dict(group_state)
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns per-token values (B, T) and group logits (B, M)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
-        values = self.value_head(hidden).squeeze(-1)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-        return values, self.group_head(last)
+        return self.read(hidden, attention_mask)
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         self.backbone.save_pretrained(path)
-        heads = {f"value_head.{k}": v.contiguous() for k, v in self.value_head.state_dict().items()}
-        heads.update({f"group_head.{k}": v.contiguous() for k, v in self.group_head.state_dict().items()})
-        save_file(heads, str(path / self.HEADS_FILE))
-        (path / "critic.json").write_text(json.dumps({"num_groups": self.group_head.out_features}))
+        self.save_heads(path)
 

@@ -41,7 +41,7 @@ from gipo.losses import (
     sample_mean,
     shape_rewards,
 )
-from gipo.models import Critic, load_causal_lm, load_reward_model, load_tokenizer
+from gipo.models import Critic, ValueHeads, load_causal_lm, load_reward_model, load_tokenizer
 from gipo.rollout import (
     RewardScorer,
     Rollout,
@@ -51,6 +51,7 @@ from gipo.rollout import (
     fast_sampling_supported,
     generate,
     has_active_dropout,
+    logprobs_and_values,
     response_logprobs,
 )
 from gipo.tasks import get_task
@@ -108,7 +109,7 @@ class PPOTrainer(BaseTrainer):
     progress_keys = ("objective/scores", "objective/kl", "groups/r_var")
 
     def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reference=None, reward_model=None,
-                 reward_tokenizer=None, critic: Critic | None = None, prompts: list[dict] | None = None,
+                 reward_tokenizer=None, critic: ValueHeads | None = None, prompts: list[dict] | None = None,
                  output_dir: str | Path = "runs/ppo", *, overwrite: bool = False, prompts_per_group: int = 2000):
         super().__init__(config, output_dir, overwrite=overwrite)
         self.tokenizer = tokenizer or load_tokenizer(config.policy)
@@ -127,6 +128,11 @@ class PPOTrainer(BaseTrainer):
         self.label_names = sorted({r["group"] for r in self.records})
         self.num_groups = len(self.label_names) if config.groups == "oracle" else config.num_groups
         self.policy = (policy or load_causal_lm(config.policy)).to(self.device)
+        if config.shared_critic:
+            if getattr(self.policy.config, "final_logit_softcapping", None) or dist.launched_with_several_processes():
+                raise ConfigError("shared_critic needs one process and a policy whose logits are its LM head's "
+                                  "output (no logit soft-capping); use a separate critic (shared_critic=false).")
+            critic = critic or ValueHeads(self.policy.config.hidden_size, self.num_groups)
         if critic is None:
             # As in TRL, the critic starts from the reward model; from the policy when their tokens differ
             # (copied before LoRA adapters go into the policy: the critic is trained in full).
@@ -166,6 +172,7 @@ class PPOTrainer(BaseTrainer):
         # numbers: the fast loop records them, no dropout makes the training-mode forward differ, and no bf16
         # autocast rounds the training forwards differently from the cached sampling ones.
         self.reuse_logprobs = (config.reuse_generation_logprobs and config.generation_backend == "fast"
+                               and not config.shared_critic  # its values need the policy's forward anyway
                                and fast_sampling_supported(self.policy) and not has_active_dropout(self.policy)
                                and isinstance(self.autocast(), contextlib.nullcontext))
         self.reduce = dist.global_sum
@@ -200,10 +207,14 @@ class PPOTrainer(BaseTrainer):
                            self.tokenizer.pad_token_id, self.settings, with_logprobs=self.reuse_logprobs)
         response_mask = rollout.response_mask
         with self.autocast():
-            logprobs = (rollout.sampled_logprobs if self.reuse_logprobs
-                        else response_logprobs(self.policy, rollout, config.temperature)[0])
+            if config.shared_critic:
+                logprobs, _, values, group_logits = logprobs_and_values(self.policy, self.critic, rollout,
+                                                                        config.temperature)
+            else:
+                logprobs = (rollout.sampled_logprobs if self.reuse_logprobs
+                            else response_logprobs(self.policy, rollout, config.temperature)[0])
+                values, group_logits = critic_values(self.critic, rollout)
             ref_logprobs, _ = response_logprobs(self.reference, rollout, config.temperature)
-            values, group_logits = critic_values(self.critic, rollout)
             raw_scores = self.scorer(rollout, [self.records[i]["prompt"] for i in indices])
         check_finite(self.step, reward_model_scores=raw_scores, log_probabilities=logprobs,
                      reference_log_probabilities=ref_logprobs, values=values)
@@ -354,9 +365,14 @@ class PPOTrainer(BaseTrainer):
         rollout = experience.rollout.select(index)
         mask = rollout.response_mask
         with self.autocast():
-            values, group_logits = critic_values(self.critic_train, rollout)
-            logprobs, entropy = response_logprobs(self.policy_train, rollout, config.temperature, with_entropy=True,
-                                                  entropy_grad=config.entropy_coef > 0)
+            if config.shared_critic:
+                logprobs, entropy, values, group_logits = logprobs_and_values(
+                    self.policy_train, self.critic_train, rollout, config.temperature, with_entropy=True,
+                    entropy_grad=config.entropy_coef > 0)
+            else:
+                values, group_logits = critic_values(self.critic_train, rollout)
+                logprobs, entropy = response_logprobs(self.policy_train, rollout, config.temperature,
+                                                      with_entropy=True, entropy_grad=config.entropy_coef > 0)
 
         # Critic step: fit the returns; the group head maximizes the spread of the group signal.
         value_tokens, value_clipped = clipped_value_loss(values, experience.old_values[index],
@@ -465,4 +481,7 @@ class PPOTrainer(BaseTrainer):
             load_adapter_weights(self.policy, folder)
         else:
             self.policy.load_state_dict(load_causal_lm(str(folder)).state_dict())
-        self.critic.load_state_dict(Critic.from_backbone(str(folder / "critic"), self.num_groups).state_dict())
+        if self.config.shared_critic:
+            self.critic.load_heads(folder / "critic" / ValueHeads.HEADS_FILE)
+        else:
+            self.critic.load_state_dict(Critic.from_backbone(str(folder / "critic"), self.num_groups).state_dict())

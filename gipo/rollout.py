@@ -227,14 +227,43 @@ def response_logprobs(model: PreTrainedModel, rollout: Rollout, temperature: flo
     attention_mask = rollout.attention_mask
     logits = model(input_ids=rollout.sequences, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), logits_to_keep=width + 1).logits[:, :-1]
+    return _token_logprobs(logits, rollout.response_ids, temperature, with_entropy, entropy_grad)
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool,
+                    entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     logits = logits.float() / temperature
-    logprobs = logprobs_from_logits(logits, rollout.response_ids)
+    logprobs = logprobs_from_logits(logits, tokens)
     if not with_entropy:
         return logprobs, None
     if entropy_grad:
         return logprobs, entropy_from_logits(logits)
     with torch.no_grad():
         return logprobs, entropy_from_logits(logits)
+
+
+def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The decoder and the LM head of a causal LM, through a PEFT wrapper (its adapters stay active)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder(), inner.get_output_embeddings()
+
+
+def logprobs_and_values(policy, heads, rollout: Rollout, temperature: float, with_entropy: bool = False,
+                        entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                                             torch.Tensor]:
+    """One pass of the policy's decoder for both: the response tokens' log-probabilities (and entropy) and
+    the values (B, Tr) and group logits (B, M) that ``heads`` (``gipo.models.ValueHeads``) read from the same
+    hidden states. The group head's input is detached: its adversarial objective must not move the policy."""
+    decoder, lm_head = causal_lm_parts(policy)
+    attention_mask = rollout.attention_mask
+    hidden = decoder(input_ids=rollout.sequences, attention_mask=attention_mask,
+                     position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+    width = rollout.response_ids.shape[1]
+    states = hidden[:, -width - 1:-1]
+    logprobs, entropy = _token_logprobs(lm_head(states), rollout.response_ids, temperature, with_entropy,
+                                        entropy_grad)
+    values, group_logits = heads.read(hidden, attention_mask, detach_group_input=True)
+    return logprobs, entropy, values[:, -width - 1:-1].float(), group_logits.float()
 
 
 def critic_values(critic, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:

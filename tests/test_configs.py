@@ -57,3 +57,8 @@ def test_an_unknown_preset_names_the_file_and_the_presets_it_has(tmp_path):
         load_config(PPOConfig, path, ["preset=big"])
     with pytest.raises(ConfigError, match="no config file has no preset"):
         load_config(PPOConfig, None, ["preset=small"])
+
+
+def test_a_shared_critic_and_a_separate_critic_model_conflict():
+    with pytest.raises(ConfigError, match="shared_critic puts the critic's heads on the policy"):
+        build_config(PPOConfig, {"shared_critic": True, "critic": "runs/x/final"})

@@ -28,7 +28,8 @@ def _ppo(tiny_pipeline, run_dir, max_steps, method="gipo", **extra):
     return PPOTrainer(config, output_dir=run_dir, prompts_per_group=8)
 
 
-@pytest.mark.parametrize(("method", "extra"), [("ppo", {}), ("gipo_gain", {}), ("gipo", {"lora_r": 4})])
+@pytest.mark.parametrize(("method", "extra"), [("ppo", {}), ("gipo_gain", {}), ("gipo", {"lora_r": 4}),
+                                               ("gipo", {"shared_critic": True})])
 def test_ppo_resume_equals_uninterrupted(tiny_pipeline, tmp_path, method, extra):
     straight = _ppo(tiny_pipeline, tmp_path / "straight", 4, method, **extra).train()
     _ppo(tiny_pipeline, tmp_path / "split", 2, method, **extra).train()

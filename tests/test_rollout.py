@@ -173,3 +173,35 @@ def test_ppo_reuses_sampling_logprobs_as_the_old_policys(tiny_pipeline, tmp_path
     trainer.train()  # and the fused optimizer steps
     plain = build_config(PPOConfig, {**config.__dict__, "generation_backend": "hf"})
     assert not PPOTrainer(plain, output_dir=tmp_path / "plain", prompts_per_group=8).reuse_logprobs
+
+
+def test_one_decoder_pass_gives_the_policys_logprobs_and_the_heads_values(model):
+    """shared_critic: the log-probabilities equal a plain forward's; values and group logits equal the heads
+    applied to the decoder's hidden states; the group head's objective leaves the policy untouched."""
+    from gipo.models import ValueHeads, position_ids_from_mask
+    from gipo.rollout import Rollout, logprobs_and_values
+
+    torch.manual_seed(0)
+    heads = ValueHeads(model.config.hidden_size, num_groups=3)
+    torch.nn.init.normal_(heads.value_head.weight)
+    ids, mask = _queries(model.config.vocab_size)
+    rollout = generate(model, ids, mask, EOS, PAD, SamplingSettings(max_new_tokens=5))
+    rollout = Rollout(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask,
+                      rollout.has_eos)
+    logprobs, entropy, values, group_logits = logprobs_and_values(model, heads, rollout, 0.7, with_entropy=True)
+    expected_logprobs, expected_entropy = response_logprobs(model, rollout, 0.7, with_entropy=True)
+    torch.testing.assert_close(logprobs, expected_logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, expected_entropy, rtol=1e-5, atol=1e-5)
+    attention = rollout.attention_mask
+    hidden = model.model(input_ids=rollout.sequences, attention_mask=attention,
+                         position_ids=position_ids_from_mask(attention)).last_hidden_state
+    all_values, expected_groups = heads.read(hidden, attention)
+    width = rollout.response_ids.shape[1]
+    torch.testing.assert_close(values, all_values[:, -width - 1:-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(group_logits, expected_groups, rtol=1e-5, atol=1e-5)
+    model.zero_grad(set_to_none=True)
+    group_logits.sum().backward()
+    assert all(p.grad is None for p in model.parameters()) and heads.group_head.weight.grad is not None
+    values.sum().backward()  # the value loss does reach the shared decoder
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    model.zero_grad(set_to_none=True)
