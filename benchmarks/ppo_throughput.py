@@ -523,9 +523,11 @@ def run_gipo(spec: dict, method: str, profile: bool, variant: str) -> dict:
         gipo_ppo.response_logprobs = gipo_rollout.response_logprobs = plain_response_logprobs
         gipo_ppo.make_optimizer = plain_optimizer(gipo_ppo.make_optimizer)
     paths, setting = spec["paths"], spec["setting"]
+    overrides = PLAIN_OPTIONS if variant == "plain" else spec.get("gipo_overrides", {})
     config = build_config(PPOConfig, {
         "method": method, "policy": paths["policy"], "reward_model": paths["reward"],
-        "critic": paths["value"],
+        # The same value model as TRL's side, unless the heads sit on the policy (shared_critic).
+        "critic": None if overrides.get("shared_critic") else paths["value"],
         "dataset": f"ppo_throughput/{spec['setting_name']}", "batch_size": setting["batch_size"],
         "mini_batch_size": setting["mini_batch_size"], "ppo_epochs": setting["ppo_epochs"],
         "max_new_tokens": setting["response_length"], "stop_on_eos": False, "temperature": TEMPERATURE,
@@ -535,7 +537,7 @@ def run_gipo(spec: dict, method: str, profile: bool, variant: str) -> dict:
         "max_prompt_length": 64, "eval_every": 0, "checkpoint_every": 10**6, "progress": False,
         "device": "cpu", "seed": spec["seed"],
         # The plain variant also samples with HF generate, scores with a policy forward and steps a plain AdamW.
-        **(PLAIN_OPTIONS if variant == "plain" else spec.get("gipo_overrides", {})),
+        **overrides,
     }, source="ppo_throughput")
     records = [{"prompt": p, "group": "all"} for p in spec["prompts"]]
     trainer = PPOTrainer(config, prompts=records, output_dir=spec["run_dir"], overwrite=True)

@@ -442,8 +442,9 @@ class PPOTrainer(BaseTrainer):
                 if group[key] is not None:
                     metrics[f"eval/{key}/{name}"] = group[key]
         for split, summary in report["ood"].items():
-            if summary["gold"] is not None:
-                metrics[f"eval/gold/ood_{split}"] = summary["gold"]
+            for key in ("gold", "reward"):
+                if summary[key] is not None:
+                    metrics[f"eval/{key}/ood_{split}"] = summary[key]
         if report["worst_group"]["gold"] is not None:
             metrics["eval/worst_group_gold"] = report["worst_group"]["gold"]
         return metrics
