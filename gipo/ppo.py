@@ -307,15 +307,11 @@ class PPOTrainer(BaseTrainer):
             texts = decode_responses(self.tokenizer, rollout)
             quantities["gold"] = raw_scores.new_tensor([task.gold_reward(self.records[i], text)
                                                         for i, text in zip(indices, texts, strict=True)])
-        labels = F.one_hot(self._label_indices(indices), len(self.label_names)).float().to(raw_scores.device)
-        counts = dist.global_sum(labels.sum(0))
-        sums = {name: dist.global_sum(labels.T @ values.float()) for name, values in quantities.items()}
-        metrics: dict[str, float] = {}
-        for g, label in enumerate(self.label_names):
-            if counts[g] > 0:
-                metrics.update({f"domain/{name}/{label}": (total[g] / counts[g]).item()
-                                for name, total in sums.items()})
-        return metrics
+        labels = self._label_probs(indices)
+        present = G.group_masses(labels, self.reduce) > 0
+        means = {name: G.soft_group_means(labels, values.float(), self.reduce) for name, values in quantities.items()}
+        return {f"domain/{name}/{label}": mean[g].item() for name, mean in means.items()
+                for g, label in enumerate(self.label_names) if present[g]}
 
     def _group_metrics(self, indices: list[int], probs: torch.Tensor, signal: torch.Tensor, kl_sum: torch.Tensor,
                        kl_coef: torch.Tensor | float) -> dict[str, float]:
