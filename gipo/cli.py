@@ -25,7 +25,7 @@ from gipo.config import (
     read_yaml,
 )
 from gipo.data import DataError
-from gipo.distributed import is_main_process
+from gipo.distributed import is_main_process, shutdown
 from gipo.models import ModelLoadError
 from gipo.trainer import NonFiniteError, RunDirError
 
@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        return run(args)
+        code = run(args)
+        shutdown()
+        return code
     except USER_ERRORS as err:
         print(f"gipo {args.command}: error: {err}", file=sys.stderr)
         return 2

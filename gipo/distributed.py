@@ -116,6 +116,13 @@ def any_process(flags: torch.Tensor) -> torch.Tensor:
     return total > 0
 
 
+def shutdown() -> None:
+    """End the process group cleanly (every process at once), so no collective thread outlives the run."""
+    if is_distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if is_distributed():
         torch.distributed.barrier()
