@@ -191,7 +191,8 @@ class PPOConfig(RunConfig):
         choices=("fast", "hf"))
     reuse_generation_logprobs: bool = option(
         False, "Take the old policy's log-probabilities from sampling (the fast backend records them, equal to a "
-        "forward's within float rounding) instead of one more policy forward. Used only with the fast backend "
+        "forward's within float rounding) instead of one more policy forward; with shared_critic, the values and "
+        "group logits too, from the hidden states recorded while sampling. Used only with the fast backend "
         "and a policy without active dropout, in fp32 (with bf16 autocast or dropout the forward runs).")
     fused_optimizer: bool = option(False, "AdamW with torch's fused kernel (CPU and CUDA): fewer, larger ops per "
                                    "step; the same update up to float rounding.")

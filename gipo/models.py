@@ -344,7 +344,12 @@ class ValueHeads(nn.Module):
     def read(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
              detach_group_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token values (B, T) and group logits (B, M) from hidden states (B, T, H)."""
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return self.read_at(hidden, last_token_index(attention_mask), detach_group_input)
+
+    def read_at(self, hidden: torch.Tensor, last_index: torch.Tensor,
+                detach_group_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`read`, with the group head at position ``last_index`` (B,) of each row."""
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
         return self.value_head(hidden).squeeze(-1), self.group_head(last.detach() if detach_group_input else last)
 
     def load_heads(self, path: Path) -> None:

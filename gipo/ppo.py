@@ -53,6 +53,7 @@ from gipo.rollout import (
     has_active_dropout,
     logprobs_and_values,
     response_logprobs,
+    sampled_values,
 )
 from gipo.tasks import get_task
 from gipo.trainer import BaseTrainer, check_finite, make_optimizer
@@ -171,8 +172,8 @@ class PPOTrainer(BaseTrainer):
         # Sampling log-probabilities stand in for the old policy's only where a forward would give the same
         # numbers: the fast loop records them, no dropout makes the training-mode forward differ, and no bf16
         # autocast rounds the training forwards differently from the cached sampling ones.
+        # With a shared critic, its heads read the hidden states recorded while sampling as well.
         self.reuse_logprobs = (config.reuse_generation_logprobs and config.generation_backend == "fast"
-                               and not config.shared_critic  # its values need the policy's forward anyway
                                and fast_sampling_supported(self.policy) and not has_active_dropout(self.policy)
                                and isinstance(self.autocast(), contextlib.nullcontext))
         self.reduce = dist.global_sum
@@ -204,10 +205,14 @@ class PPOTrainer(BaseTrainer):
         config = self.config
         ids, mask = pad_left([self.encoded[i] for i in indices], self.tokenizer.pad_token_id)
         rollout = generate(self.policy, ids.to(self.device), mask.to(self.device), self.tokenizer.eos_token_id,
-                           self.tokenizer.pad_token_id, self.settings, with_logprobs=self.reuse_logprobs)
+                           self.tokenizer.pad_token_id, self.settings, with_logprobs=self.reuse_logprobs,
+                           with_states=self.reuse_logprobs and config.shared_critic)
         response_mask = rollout.response_mask
         with self.autocast():
-            if config.shared_critic:
+            if config.shared_critic and self.reuse_logprobs:
+                logprobs = rollout.sampled_logprobs
+                values, group_logits = sampled_values(self.critic, rollout)
+            elif config.shared_critic:
                 logprobs, _, values, group_logits = logprobs_and_values(self.policy, self.critic, rollout,
                                                                         config.temperature)
             else:

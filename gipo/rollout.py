@@ -40,6 +40,10 @@ class Rollout:
     # (B, Tr) log-probabilities of the response tokens under the sampling policy at the sampling temperature
     # (before top-k / top-p), 0 past the mask; only when asked for (``generate(..., with_logprobs=True)``).
     sampled_logprobs: torch.Tensor | None = None
+    # (B, Tr + 1, H) the policy's last hidden states while sampling, of the inputs [last query token, response
+    # tokens]: position t predicts response token t, position ``lengths`` is a row's last token. Only when asked
+    # for (``generate(..., with_states=True)``, fast backend): a shared critic's heads read them.
+    sampled_states: torch.Tensor | None = None
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -56,7 +60,8 @@ class Rollout:
     def select(self, index: torch.Tensor) -> Rollout:
         return Rollout(self.query_ids[index], self.query_mask[index], self.response_ids[index],
                        self.response_mask[index], self.has_eos[index],
-                       None if self.sampled_logprobs is None else self.sampled_logprobs[index])
+                       None if self.sampled_logprobs is None else self.sampled_logprobs[index],
+                       None if self.sampled_states is None else self.sampled_states[index])
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,13 +76,18 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int | None) -> tu
 
 @torch.no_grad()
 def generate(model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id: int,
-             pad_id: int, settings: SamplingSettings, greedy: bool = False, with_logprobs: bool = False) -> Rollout:
+             pad_id: int, settings: SamplingSettings, greedy: bool = False, with_logprobs: bool = False,
+             with_states: bool = False) -> Rollout:
     """Sample responses (``greedy``: argmax). ``settings.backend`` "fast" runs :func:`sample_fast` where the
     model supports it (a decoder-only model with a KV cache) and HF ``generate`` otherwise.
     ``with_logprobs`` fills ``Rollout.sampled_logprobs`` (the fast loop gets them for free; with HF
-    generate they come from one more forward)."""
+    generate they come from one more forward). ``with_states`` (fast loop only) fills ``Rollout.sampled_states``."""
     if settings.backend == "fast" and fast_sampling_supported(model):
-        return sample_fast(model, query_ids, query_mask, eos_id, pad_id, settings, greedy, with_logprobs)
+        return sample_fast(model, query_ids, query_mask, eos_id, pad_id, settings, greedy, with_logprobs,
+                           with_states)
+    if with_states:
+        raise ValueError("sampled hidden states come only from the fast sampling loop (backend 'fast', a decoder "
+                         "with a KV cache)")
     if settings.backend not in ("fast", "hf"):
         raise ValueError(f"unknown generation backend {settings.backend!r} (fast or hf)")
     config = GenerationConfig(
@@ -162,14 +172,17 @@ def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 @torch.no_grad()
 def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id: int, pad_id: int,
-                settings: SamplingSettings, greedy: bool = False, with_logprobs: bool = False) -> Rollout:
+                settings: SamplingSettings, greedy: bool = False, with_logprobs: bool = False,
+                with_states: bool = False) -> Rollout:
     """gipo's own sampling loop: one prefill, then one cached forward per token, with no per-token
     machinery beyond the model call. It follows HF ``generate`` step for step (same positions, same
     filtering, top_k=0 included, one ``torch.multinomial`` draw per step over the whole batch, pad after
     EOS, stop once every row has ended), so greedy decoding gives HF's tokens and sampling draws the same
     random numbers (the tokens agree up to float rounding in the logits).
     The log-probabilities of the sampled tokens (at ``settings.temperature``, before filtering) come
-    with it when ``with_logprobs``."""
+    with it when ``with_logprobs``, and the last hidden states (``Rollout.sampled_states``) when
+    ``with_states``: the decoder and the LM head then run as two calls, and one more cached step reads the
+    hidden state of each row's final token."""
     from transformers import DynamicCache
 
     was_training = model.training
@@ -182,9 +195,21 @@ def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id
     logprobs = torch.zeros(batch, steps, device=query_ids.device) if with_logprobs else None
     unfinished = torch.ones(batch, dtype=torch.bool, device=query_ids.device)
     stop_ids = _stop_ids(model, eos_id if settings.stop_on_eos else None, query_ids.device)
-    cache = {_cache_keyword(model): DynamicCache(config=_model_config(model))}
-    logits = model(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                   logits_to_keep=1, **cache).logits[:, -1].float()
+    states: list[torch.Tensor] = []
+    if with_states:
+        decoder, lm_head = causal_lm_parts(model)
+        cache = {_cache_keyword(decoder): DynamicCache(config=_model_config(model))}
+
+        def forward(**inputs) -> torch.Tensor:
+            states.append(decoder(**inputs, use_cache=True, **cache).last_hidden_state[:, -1])
+            return lm_head(states[-1]).float()
+    else:
+        cache = {_cache_keyword(model): DynamicCache(config=_model_config(model))}
+
+        def forward(**inputs) -> torch.Tensor:
+            return model(**inputs, use_cache=True, logits_to_keep=1, **cache).logits[:, -1].float()
+
+    logits = forward(input_ids=query_ids, attention_mask=mask, position_ids=positions)
     done = 0
     for step in range(steps):
         if greedy:
@@ -207,16 +232,19 @@ def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id
         if done == steps:
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, use_cache=True,
-                       **cache).logits[:, -1].float()
+        logits = forward(input_ids=token[:, None], attention_mask=mask, position_ids=next_position)
         next_position = next_position + 1
+    if with_states:  # the final tokens' own hidden states (the loop samples them but never reads them)
+        forward(input_ids=tokens[:, done - 1:done], attention_mask=torch.cat([mask, mask.new_ones(batch, 1)], 1),
+                position_ids=next_position)
     model.train(was_training)
     response_ids = tokens[:, :done]
     response_mask, has_eos = response_mask_from_ids(response_ids, eos_id if settings.stop_on_eos else None)
     response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
     if logprobs is not None:
         logprobs = logprobs[:, :done] * response_mask
-    return Rollout(query_ids, query_mask, response_ids, response_mask, has_eos, logprobs)
+    return Rollout(query_ids, query_mask, response_ids, response_mask, has_eos, logprobs,
+                   torch.stack(states, dim=1) if with_states else None)
 
 
 def response_logprobs(model: PreTrainedModel, rollout: Rollout, temperature: float, with_entropy: bool = False,
@@ -264,6 +292,13 @@ def logprobs_and_values(policy, heads, rollout: Rollout, temperature: float, wit
                                         entropy_grad)
     values, group_logits = heads.read(hidden, attention_mask, detach_group_input=True)
     return logprobs, entropy, values[:, -width - 1:-1].float(), group_logits.float()
+
+
+def sampled_values(heads, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`logprobs_and_values` gives for values (B, Tr) and group logits (B, M), read by ``heads``
+    from the hidden states recorded while sampling (``Rollout.sampled_states``): no forward of the policy."""
+    values, group_logits = heads.read_at(rollout.sampled_states, rollout.lengths.long())
+    return values[:, :-1].float(), group_logits.float()
 
 
 def critic_values(critic, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:

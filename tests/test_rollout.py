@@ -205,3 +205,70 @@ def test_one_decoder_pass_gives_the_policys_logprobs_and_the_heads_values(model)
     values.sum().backward()  # the value loss does reach the shared decoder
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_heads_read_the_sampling_states_as_they_read_a_fresh_decoder_pass(model, lora):
+    """reuse_generation_logprobs with shared_critic: values and group logits from the hidden states recorded
+    while sampling equal those of one more decoder pass, for rows that end early (EOS) and rows that don't."""
+    import copy
+
+    from gipo.lora import apply_lora
+    from gipo.models import ValueHeads
+    from gipo.rollout import logprobs_and_values, sampled_values
+
+    policy = model
+    if lora:
+        policy = apply_lora(copy.deepcopy(model), 4, 8, 0.0, "q_proj,v_proj")
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(weight, std=0.5)  # adapters that change the hidden states
+    torch.manual_seed(0)
+    heads = ValueHeads(model.config.hidden_size, num_groups=3)
+    torch.nn.init.normal_(heads.value_head.weight)
+    ids, mask = _queries(model.config.vocab_size)
+    settings = SamplingSettings(max_new_tokens=10, backend="fast")
+    torch.manual_seed(1)
+    free = generate(policy, ids, mask, EOS, PAD, SamplingSettings(**{**vars(settings), "stop_on_eos": False}))
+    eos = int(free.response_ids[0, 3])  # a token that ends row 0 early, and maybe others
+    torch.manual_seed(1)
+    rollout = generate(policy, ids, mask, eos, PAD, settings, with_logprobs=True, with_states=True)
+    assert (rollout.lengths < rollout.response_ids.shape[1]).any() and rollout.has_eos.any()
+    assert rollout.sampled_states.shape == (*rollout.response_ids.shape[:1], rollout.response_ids.shape[1] + 1,
+                                            model.config.hidden_size)
+    values, group_logits = sampled_values(heads, rollout)
+    with torch.no_grad():
+        logprobs, _, expected_values, expected_groups = logprobs_and_values(policy, heads, rollout, 1.0)
+    torch.testing.assert_close(values * rollout.response_mask, expected_values * rollout.response_mask,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(group_logits, expected_groups, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rollout.sampled_logprobs, logprobs * rollout.response_mask, rtol=1e-5, atol=1e-5)
+    subset = rollout.select(torch.tensor([3, 1]))
+    assert torch.equal(subset.sampled_states, rollout.sampled_states[[3, 1]])
+    with pytest.raises(ValueError, match="fast sampling loop"):
+        generate(policy, ids, mask, eos, PAD, SamplingSettings(backend="hf"), with_states=True)
+
+
+def test_ppo_with_a_shared_critic_reads_old_values_from_sampling(tiny_pipeline, tmp_path):
+    from gipo.config import PPOConfig, build_config
+    from gipo.ppo import PPOTrainer
+
+    def experience(reuse: bool):
+        config = build_config(PPOConfig, {
+            "progress": False, "device": "cpu", "max_steps": 1, "batch_size": 8, "mini_batch_size": 4,
+            "max_new_tokens": 6, "eval_every": 0, "policy": str(tiny_pipeline["sft"] / "final"), "method": "gipo",
+            "reward_model": str(tiny_pipeline["rm"] / "final"), "generation_backend": "fast",
+            "shared_critic": True, "reuse_generation_logprobs": reuse})
+        trainer = PPOTrainer(config, output_dir=tmp_path / f"run-{reuse}", prompts_per_group=8)
+        assert trainer.reuse_logprobs == reuse
+        torch.manual_seed(5)
+        return trainer.collect_experience(list(range(8)))
+
+    (reused, reused_metrics), (fresh, fresh_metrics) = experience(True), experience(False)
+    assert reused.rollout.sampled_states is not None and fresh.rollout.sampled_states is None
+    assert torch.equal(reused.rollout.response_ids, fresh.rollout.response_ids)
+    mask = fresh.rollout.response_mask  # past a row's end the sampled log-probabilities are 0, a forward's are not
+    for name in ("old_logprobs", "old_values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(reused, name) * mask, getattr(fresh, name) * mask, rtol=1e-4, atol=1e-5)
+    for key in ("groups/r_var", "objective/kl"):
+        assert reused_metrics[key] == pytest.approx(fresh_metrics[key], rel=1e-4, abs=1e-6)
