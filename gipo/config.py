@@ -229,6 +229,10 @@ class PPOConfig(RunConfig):
     lora_dropout: float = option(0.0, "LoRA dropout.", min=0, max=1)
     lora_target_modules: str = option("q_proj,v_proj", "Comma-separated module names that get adapters.")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass (less memory).")
+    fsdp: bool = option(False, "Under several processes, shard the policy's and the critic's weights, gradients and "
+                        "optimizer states across them (PyTorch FSDP2, one unit per transformer block) instead of "
+                        "holding a full copy in each (DDP). Full fine-tuning only (not with lora_r or shared_critic); "
+                        "the reference and reward models stay whole in every process.")
     # Group Invariant Learning (docs/method.md); `method` picks a preset of the keys below.
     method: str = option("ppo", "Preset: " + ", ".join(f"{k} ({v['_about']})" for k, v in METHOD_PRESETS.items())
                          + ". A group key set explicitly to another value than the preset's is an error "
@@ -279,6 +283,9 @@ class PPOConfig(RunConfig):
                 raise ConfigError(_preset_conflict(method, key, value, given[key]))
 
     def validate(self) -> None:
+        if self.fsdp and (self.lora_r or self.shared_critic):
+            raise ConfigError("PPOConfig: fsdp shards fully trained models; with lora_r or shared_critic use DDP (fsdp: "
+                              "false): LoRA's trained weights are small, and a shared critic runs in one process.")
         if self.shared_critic and self.critic:
             raise ConfigError(f"PPOConfig: shared_critic puts the critic's heads on the policy; critic={self.critic!r} "
                               "names a separate critic model. Set one of them.")

@@ -52,15 +52,83 @@ def make_accelerator(cpu: bool, find_unused_parameters: bool):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    # gipo shards with FSDP2 itself (`fsdp: true`), because generation, the frozen models and saving need it to;
+    # accelerate's own FSDP mode would wrap the models differently (and on CPUs it silently becomes DDP).
+    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(flag, "").lower() in ("1", "true", "yes"):
+            raise ConfigError(f"accelerate launch with {name}: gipo runs DDP, or shards with FSDP2 itself. Launch "
+                              "with --multi_gpu (examples/accelerate/ddp.yaml or fsdp.yaml) and add --set fsdp=true "
+                              "to shard; DeepSpeed is not supported (docs/distributed.md).")
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
     accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
     kind = accelerator.distributed_type.value
     if kind not in ("NO", "MULTI_CPU", "MULTI_GPU"):
-        # Sharded parameters would need gathering for generation and for saving, which gipo does not do yet.
-        raise ConfigError(f"accelerate launch with distributed_type {kind}: gipo supports DDP (distributed_type "
-                          "MULTI_GPU, or MULTI_CPU on CPUs; examples/accelerate/). FSDP and DeepSpeed are not "
-                          "supported yet: generation and checkpoints would need the sharded weights gathered.")
+        raise ConfigError(f"accelerate launch with distributed_type {kind}: gipo supports MULTI_GPU (MULTI_CPU on "
+                          "CPUs), with DDP or, with --set fsdp=true, its own FSDP2 sharding (examples/accelerate/).")
     return accelerator
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 (``fully_shard``): each transformer block (a class in a model's ``_no_split_modules``) one unit,
+    then the whole model, so that only one block's full weights are gathered at a time. In place: the model's
+    parameters become shards (DTensors); build its optimizer after this."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set()
+    for module in model.modules():
+        blocks.update(getattr(module, "_no_split_modules", None) or [])
+    for module in list(model.modules()):
+        if module is not model and type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP2: every process must then run each of its forwards together."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's full state dict on the main process ({} elsewhere); every process must call it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_options())
+    # Tied weights (an LM head sharing the embedding) come back as copies: make them one tensor again, so that
+    # save_pretrained writes them once, as it does for the unsharded model.
+    first_name: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = first_name.setdefault(id(param), name)
+        if first != name and first in state and name in state:
+            state[name] = state[first]
+    return state
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Shard a full state dict (the same on every process) into a sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A sharded model's optimizer state, full, keyed by parameter name, on the main process."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def global_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -360,15 +360,16 @@ class ValueHeads(nn.Module):
         if group_state["weight"].shape == self.group_head.weight.shape:
             self.group_head.load_state_dict(group_state)
 
-    def save_heads(self, path: Path) -> None:
+    def save_heads(self, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The heads' weights, from ``state_dict`` when given (a full one gathered from sharded weights)."""
         path.mkdir(parents=True, exist_ok=True)
-        heads = {f"value_head.{k}": v.contiguous() for k, v in self.value_head.state_dict().items()}
-        heads.update({f"group_head.{k}": v.contiguous() for k, v in self.group_head.state_dict().items()})
+        state = self.state_dict() if state_dict is None else state_dict
+        heads = {k: v.contiguous() for k, v in state.items() if k.startswith(("value_head.", "group_head."))}
         save_file(heads, str(path / self.HEADS_FILE))
         (path / "critic.json").write_text(json.dumps({"num_groups": self.group_head.out_features}))
 
-    def save_pretrained(self, path: str | Path) -> None:
-        self.save_heads(Path(path))
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        self.save_heads(Path(path), state_dict)
 
 
 class Critic(ValueHeads):
@@ -397,8 +398,10 @@ class Critic(ValueHeads):
                                position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
         return self.read(hidden, attention_mask)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         path = Path(path)
-        self.backbone.save_pretrained(path)
-        self.save_heads(path)
+        backbone_state = None if state_dict is None else {
+            k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(path, state_dict=backbone_state)
+        self.save_heads(path, state_dict)
 

@@ -155,6 +155,11 @@ class PPOTrainer(BaseTrainer):
         else:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.critic = critic.to(self.device)
+        self.sharded = config.fsdp and dist.launched_with_several_processes()  # one process holds it all anyway
+        if self.sharded:
+            dist.shard_model(self.policy)  # before the optimizers, which must hold the shards
+            dist.shard_model(self.critic)
+        self.full_weights: dict[str, dict[str, torch.Tensor]] = {}
         self.sampler = EpochSampler(len(self.records), config.seed)
         self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), config.learning_rate,
                                                         config.weight_decay, config.warmup_steps,
@@ -182,9 +187,13 @@ class PPOTrainer(BaseTrainer):
             raise ConfigError(f"batch_size={config.batch_size} and mini_batch_size={config.mini_batch_size} are global "
                               f"(over all processes) and must be multiples of the {processes} processes.")
         self.local_mini_batch_size = config.mini_batch_size // processes
-        # In training forwards, the models as the launch wraps them (DDP, ...); elsewhere the plain modules.
-        self.policy_train, self.critic_train, self.optimizer, self.critic_optimizer = self.prepare(
-            self.policy, self.critic, self.optimizer, self.critic_optimizer)
+        # In training forwards, the models as the launch wraps them (DDP); elsewhere the plain modules. Sharded
+        # models average their gradients themselves.
+        if self.sharded:
+            self.policy_train, self.critic_train = self.policy, self.critic
+        else:
+            self.policy_train, self.critic_train, self.optimizer, self.critic_optimizer = self.prepare(
+                self.policy, self.critic, self.optimizer, self.critic_optimizer)
 
     # --- 1-3: rollout and scoring ---------------------------------------------------------------------
     def training_step(self) -> dict[str, float]:
@@ -196,7 +205,9 @@ class PPOTrainer(BaseTrainer):
         metrics.update(self.update(experience))
         metrics["time/update"] = time.perf_counter() - started
         self.kl_ctl.update(metrics["objective/kl"], len(indices))
-        if self.config.eval_every and self.step % self.config.eval_every == 0 and dist.is_main_process():
+        # Sharded weights need every process in each forward: then all evaluate, and the main process logs.
+        if (self.config.eval_every and self.step % self.config.eval_every == 0
+                and (dist.is_main_process() or self.sharded)):
             metrics.update(self.eval_metrics())
         return metrics
 
@@ -454,36 +465,64 @@ class PPOTrainer(BaseTrainer):
         gain_baseline = {}  # each process has filled the baselines of the prompts it has seen
         for part in dist.gather_objects(self.gain_baseline):
             gain_baseline.update(part)
-        return {**super().trainer_state(), "critic_optimizer": self.critic_optimizer.state_dict(),
+        return {**super().trainer_state(), "critic_optimizer": self.optimizer_state(self.critic_optimizer),
                 "critic_scheduler": self.critic_scheduler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
                 "score_moments": self.score_moments.state_dict(), "group_returns_ema": self.group_returns_ema,
                 "dro_weights": self.dro_weights, "gain_baseline": gain_baseline}
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
         super().load_trainer_state(state)
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.load_optimizer_state(self.critic_optimizer, state["critic_optimizer"])
         self.critic_scheduler.load_state_dict(state["critic_scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_moments.load_state_dict(state["score_moments"])
         self.group_returns_ema, self.dro_weights = state["group_returns_ema"], state["dro_weights"]
         self.gain_baseline = state["gain_baseline"]
 
+    # With fsdp, checkpoints hold full weights and full optimizer states (keyed by parameter name), as one
+    # process would save them; every process reads them back and keeps its shards.
+    def _model_of(self, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+        return self.policy if optimizer is self.optimizer else self.critic
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if self.sharded:
+            return dist.full_optimizer_state(self._model_of(optimizer), optimizer)
+        return super().optimizer_state(optimizer)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        if self.sharded:
+            dist.load_full_optimizer_state(self._model_of(optimizer), optimizer, state)
+        else:
+            super().load_optimizer_state(optimizer, state)
+
+    def gather_weights(self) -> None:
+        if self.sharded:
+            self.full_weights = {"policy": dist.full_state_dict(self.policy),
+                                 "critic": dist.full_state_dict(self.critic)}
+
     def save_pretrained(self, path: str | Path) -> None:
         """The policy (loadable with ``from_pretrained(path)``; with LoRA, merged, and the adapters in
         ``path/adapter``) and the critic in ``path/critic``."""
+        full, self.full_weights = self.full_weights, {}
         if self.config.lora_r:
             save_merged(self.policy, path)
         else:
-            self.policy.save_pretrained(path)
+            self.policy.save_pretrained(path, state_dict=full.get("policy"))
         self.tokenizer.save_pretrained(path)
-        self.critic.save_pretrained(Path(path) / "critic")
+        self.critic.save_pretrained(Path(path) / "critic", state_dict=full.get("critic"))
 
     def load_weights(self, folder: Path) -> None:
         if self.config.lora_r:
             load_adapter_weights(self.policy, folder)
+        elif self.sharded:
+            dist.load_full_state_dict(self.policy, load_causal_lm(str(folder)).state_dict())
         else:
             self.policy.load_state_dict(load_causal_lm(str(folder)).state_dict())
         if self.config.shared_critic:
             self.critic.load_heads(folder / "critic" / ValueHeads.HEADS_FILE)
+            return
+        critic = Critic.from_backbone(str(folder / "critic"), self.num_groups).state_dict()
+        if self.sharded:
+            dist.load_full_state_dict(self.critic, critic)
         else:
-            self.critic.load_state_dict(Critic.from_backbone(str(folder / "critic"), self.num_groups).state_dict())
+            self.critic.load_state_dict(critic)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
+from gipo import distributed as dist
 from gipo.losses import entropy_from_logits, logprobs_from_logits
 from gipo.models import position_ids_from_mask
 
@@ -195,6 +196,7 @@ def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id
     logprobs = torch.zeros(batch, steps, device=query_ids.device) if with_logprobs else None
     unfinished = torch.ones(batch, dtype=torch.bool, device=query_ids.device)
     stop_ids = _stop_ids(model, eos_id if settings.stop_on_eos else None, query_ids.device)
+    synced = dist.is_sharded(model)
     states: list[torch.Tensor] = []
     if with_states:
         decoder, lm_head = causal_lm_parts(model)
@@ -227,7 +229,8 @@ def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id
         done = step + 1
         if stop_ids is not None:
             unfinished &= ~torch.isin(token, stop_ids)
-            if not bool(unfinished.any()):
+            # Sharded weights are gathered in every forward, so all processes stop together.
+            if not bool(dist.any_process(unfinished.any()[None]) if synced else unfinished.any()):
                 break
         if done == steps:
             break

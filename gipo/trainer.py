@@ -207,13 +207,24 @@ class BaseTrainer:
         raise NotImplementedError
 
     def trainer_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"optimizer": self.optimizer_state(self.optimizer), "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict()}
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """What a checkpoint keeps of ``optimizer`` (every process calls it)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
+    def gather_weights(self) -> None:
+        """Before the main process saves the models: collect what it needs from every process (sharded
+        weights). Every process calls it."""
 
     def save_pretrained(self, path: str | Path) -> None:
         """The trained model and its tokenizer, loadable with ``from_pretrained``."""
@@ -258,6 +269,8 @@ class BaseTrainer:
         max_norm = self.config.max_grad_norm or float("inf")
         grad_norm = (torch.nn.utils.clip_grad_norm_(list(parameters), max_norm) if self.accelerator is None
                      else self.accelerator.clip_grad_norm_(list(parameters), max_norm))
+        if hasattr(grad_norm, "full_tensor"):  # the norm over sharded gradients (FSDP2) is a DTensor
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError("gradient norm", self.step)
@@ -363,6 +376,7 @@ class BaseTrainer:
             ckpt.prune(self.output_dir, self.config.keep_last)
             return folder
 
+        self.gather_weights()
         return self._on_main_process(write_and_prune)
 
     def _restore(self, folder: Path) -> None:
@@ -449,6 +463,7 @@ class BaseTrainer:
             bar.close()
             if logger:
                 logger.close()
+        self.gather_weights()
         self._on_main_process(lambda: ckpt.write_atomically(self.output_dir / "final", self.save_pretrained))
         self.on_train_end()
 

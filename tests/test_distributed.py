@@ -78,7 +78,8 @@ def _assert_same_weights(one: Path, two: Path) -> None:
 
 
 @pytest.mark.parametrize(("method", "extra"), [("ppo", {}), ("gipo", {}), ("oracle_dro", {}),
-                                               ("gipo", {"lora_r": 4, "gradient_checkpointing": True})])
+                                               ("gipo", {"lora_r": 4, "gradient_checkpointing": True}),
+                                               ("ppo", {"fsdp": True}), ("gipo", {"fsdp": True})])
 def test_two_processes_match_one_process_with_the_global_batch(tiny_pipeline, tmp_path, method, extra):
     settings = _settings(tiny_pipeline, method, **extra)
     _run(["train", "--out", str(tmp_path / "one"), "--set=max_steps=4", *settings], processes=1)
@@ -92,8 +93,10 @@ def test_two_processes_match_one_process_with_the_global_batch(tiny_pipeline, tm
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-2", "step-4"]
 
 
-def test_two_processes_resume_where_they_stopped(tiny_pipeline, tmp_path):
-    settings = _settings(tiny_pipeline, "gipo_gain")
+@pytest.mark.parametrize(("method", "extra"), [("gipo_gain", {}), ("gipo", {"fsdp": True})])
+def test_two_processes_resume_where_they_stopped(tiny_pipeline, tmp_path, method, extra):
+    """With fsdp the checkpoint holds full weights and optimizer states gathered from the shards."""
+    settings = _settings(tiny_pipeline, method, **extra)
     _run(["train", "--out", str(tmp_path / "one"), "--set=max_steps=4", *settings], processes=1)
     _run(["train", "--out", str(tmp_path / "two"), "--set=max_steps=2", *settings], processes=2)
     _run(["train", "--out", str(tmp_path / "two"), "--resume", "--set=max_steps=4", *settings], processes=2)
