@@ -112,3 +112,20 @@ def test_batch_shards_and_global_helpers_in_one_process():
     assert distributed.gather(values) is values
     assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
     assert distributed.any_process(torch.tensor([False, True])).tolist() == [False, True]
+
+
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_accelerates_own_fsdp_and_deepspeed_modes_are_refused_with_directions(monkeypatch, flag):
+    from gipo.config import ConfigError
+
+    monkeypatch.setenv(flag, "true")
+    with pytest.raises(ConfigError, match="--set fsdp=true"):
+        distributed.make_accelerator(cpu=True, find_unused_parameters=False)
+
+
+def test_fsdp_is_for_fully_trained_models():
+    from gipo.config import ConfigError, PPOConfig, build_config
+
+    for extra in ({"lora_r": 4}, {"shared_critic": True}):
+        with pytest.raises(ConfigError, match="fsdp shards fully trained models"):
+            build_config(PPOConfig, {"fsdp": True, **extra})
