@@ -523,7 +523,8 @@ def run_gipo(spec: dict, method: str, profile: bool, variant: str) -> dict:
         gipo_ppo.response_logprobs = gipo_rollout.response_logprobs = plain_response_logprobs
         gipo_ppo.make_optimizer = plain_optimizer(gipo_ppo.make_optimizer)
     paths, setting = spec["paths"], spec["setting"]
-    overrides = PLAIN_OPTIONS if variant == "plain" else spec.get("gipo_overrides", {})
+    # The plain variant keeps what the options change in the method (shared_critic, ...), not the speed paths.
+    overrides = {**spec.get("gipo_overrides", {}), **(PLAIN_OPTIONS if variant == "plain" else {})}
     config = build_config(PPOConfig, {
         "method": method, "policy": paths["policy"], "reward_model": paths["reward"],
         # The same value model as TRL's side, unless the heads sit on the policy (shared_critic).
@@ -843,7 +844,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gipo-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a gipo PPOConfig setting for the gipo sides (repeatable), e.g. "
-                        "--gipo-set generation_backend=fast; --quality's plain run ignores them")
+                        "--gipo-set generation_backend=fast; --quality's plain run keeps them except the speed paths "
+                        "(generation_backend, reuse_generation_logprobs, fused_optimizer)")
     parser.add_argument("--workdir", default=None,
                         help="keep models and logs here (default: a temp folder, removed at the end)")
     parser.add_argument("--hh-path", default=str(HH_HARMLESS), help="HH-RLHF harmless-base test.jsonl.gz")
