@@ -350,7 +350,10 @@ class ValueHeads(nn.Module):
                 detach_group_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`read`, with the group head at position ``last_index`` (B,) of each row."""
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
-        return self.value_head(hidden).squeeze(-1), self.group_head(last.detach() if detach_group_input else last)
+        # A copy, not a view of the head's output: FSDP2 warns that in-place ops on a sharded model's view
+        # outputs would skip its backward hooks.
+        values = self.value_head(hidden).squeeze(-1).clone()
+        return values, self.group_head(last.detach() if detach_group_input else last)
 
     def load_heads(self, path: Path) -> None:
         state = load_file(str(path))
