@@ -116,57 +116,27 @@ class PPOTrainer(BaseTrainer):
         self.tokenizer = tokenizer or load_tokenizer(config.policy)
         reward_model = (reward_model or load_reward_model(config.reward_model)).to(self.device)
         reward_model.eval().requires_grad_(False)
-        reward_tokenizer = reward_tokenizer or load_tokenizer(config.reward_model)
-        self.scorer = RewardScorer(reward_model, reward_tokenizer, self.tokenizer)
-        self.records = prompts if prompts is not None else load_prompts(config.dataset, "train", prompts_per_group,
-                                                                        config.seed)
-        if config.long_prompts == "shorten":
-            self.records, _ = fit_to_length(self.tokenizer, self.records, config.max_prompt_length, sides=())
-        # Gold rewards need the task's own prompt records; prompts passed in carry no gold.
-        self.task = get_task(config.dataset) if prompts is None else None
-        self.encoded = encode_prompts(self.tokenizer, [r["prompt"] for r in self.records],
-                                      config.max_prompt_length, config.dataset)
+        self.scorer = RewardScorer(reward_model, reward_tokenizer or load_tokenizer(config.reward_model),
+                                   self.tokenizer)
+        self._load_prompts(prompts, prompts_per_group)
         self.label_names = sorted({r["group"] for r in self.records})
         self.num_groups = len(self.label_names) if config.groups == "oracle" else config.num_groups
         self.policy = (policy or load_causal_lm(config.policy)).to(self.device)
-        if config.shared_critic:
-            if getattr(self.policy.config, "final_logit_softcapping", None) or dist.launched_with_several_processes():
-                raise ConfigError("shared_critic needs one process and a policy whose logits are its LM head's "
-                                  "output (no logit soft-capping); use a separate critic (shared_critic=false).")
-            critic = critic or ValueHeads(self.policy.config.hidden_size, self.num_groups)
-        if critic is None:
-            # As in TRL, the critic starts from the reward model; from the policy when their tokens differ
-            # (copied before LoRA adapters go into the policy: the critic is trained in full).
-            source = reward_model.base_model if self.scorer.same_tokenizer else self.policy.base_model
-            critic = (Critic.from_backbone(config.critic, self.num_groups) if config.critic
-                      else Critic(copy.deepcopy(source), self.num_groups))
+        self.critic = self._make_critic(critic, reward_model).to(self.device)  # before LoRA goes into the policy
         if config.gradient_checkpointing:
             # Non-reentrant checkpointing works under DDP (the reentrant kind marks parameters ready twice).
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora_r:
             self.policy = apply_lora(self.policy, config.lora_r, config.lora_alpha, config.lora_dropout,
                                      config.lora_target_modules)
-        if reference is None and config.reference:
-            reference = load_causal_lm(config.reference)
-        if reference is not None:
-            self.reference = reference.to(self.device).eval().requires_grad_(False)
-        elif config.lora_r:
-            self.reference = AdapterDisabledReference(self.policy)
-        else:
-            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        self.critic = critic.to(self.device)
+        self.reference = self._make_reference(reference)
         self.sharded = config.fsdp and dist.launched_with_several_processes()  # one process holds it all anyway
         if self.sharded:
             dist.shard_model(self.policy)  # before the optimizers, which must hold the shards
             dist.shard_model(self.critic)
         self.full_weights: dict[str, dict[str, torch.Tensor]] = {}
+        self._make_optimizers()
         self.sampler = EpochSampler(len(self.records), config.seed)
-        self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), config.learning_rate,
-                                                        config.weight_decay, config.warmup_steps,
-                                                        config.fused_optimizer)
-        self.critic_optimizer, self.critic_scheduler = make_optimizer(
-            self.critic.parameters(), config.critic_learning_rate, config.weight_decay, config.warmup_steps,
-            config.fused_optimizer)
         self.kl_ctl = make_kl_controller(config.kl_coef, config.adaptive_kl, config.target_kl, config.kl_horizon)
         self.score_moments = RunningMoments()
         self.group_returns_ema: torch.Tensor | None = None
@@ -187,8 +157,54 @@ class PPOTrainer(BaseTrainer):
             raise ConfigError(f"batch_size={config.batch_size} and mini_batch_size={config.mini_batch_size} are global "
                               f"(over all processes) and must be multiples of the {processes} processes.")
         self.local_mini_batch_size = config.mini_batch_size // processes
-        # In training forwards, the models as the launch wraps them (DDP); elsewhere the plain modules. Sharded
-        # models average their gradients themselves.
+
+    def _load_prompts(self, prompts: list[dict] | None, prompts_per_group: int) -> None:
+        config = self.config
+        self.records = prompts if prompts is not None else load_prompts(config.dataset, "train", prompts_per_group,
+                                                                        config.seed)
+        if config.long_prompts == "shorten":
+            self.records, _ = fit_to_length(self.tokenizer, self.records, config.max_prompt_length, sides=())
+        # Gold rewards need the task's own prompt records; prompts passed in carry no gold.
+        self.task = get_task(config.dataset) if prompts is None else None
+        self.encoded = encode_prompts(self.tokenizer, [r["prompt"] for r in self.records],
+                                      config.max_prompt_length, config.dataset)
+
+    def _make_critic(self, critic: ValueHeads | None, reward_model) -> ValueHeads:
+        config = self.config
+        if config.shared_critic:
+            if getattr(self.policy.config, "final_logit_softcapping", None) or dist.launched_with_several_processes():
+                raise ConfigError("shared_critic needs one process and a policy whose logits are its LM head's "
+                                  "output (no logit soft-capping); use a separate critic (shared_critic=false).")
+            return critic or ValueHeads(self.policy.config.hidden_size, self.num_groups)
+        if critic is not None:
+            return critic
+        if config.critic:
+            return Critic.from_backbone(config.critic, self.num_groups)
+        # As in TRL, the critic starts from the reward model; from the policy when their tokens differ (a copy
+        # of the policy without LoRA adapters: the critic is trained in full).
+        source = reward_model.base_model if self.scorer.same_tokenizer else self.policy.base_model
+        return Critic(copy.deepcopy(source), self.num_groups)
+
+    def _make_reference(self, reference) -> torch.nn.Module:
+        if reference is None and self.config.reference:
+            reference = load_causal_lm(self.config.reference)
+        if reference is not None:
+            return reference.to(self.device).eval().requires_grad_(False)
+        if self.config.lora_r:
+            return AdapterDisabledReference(self.policy)
+        return copy.deepcopy(self.policy).eval().requires_grad_(False)
+
+    def _make_optimizers(self) -> None:
+        """AdamW for the policy and the critic; under DDP, the models as the launch wraps them for training
+        forwards (``policy_train``, ``critic_train``; elsewhere the plain modules). Sharded models average
+        their gradients themselves."""
+        config = self.config
+        self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), config.learning_rate,
+                                                        config.weight_decay, config.warmup_steps,
+                                                        config.fused_optimizer)
+        self.critic_optimizer, self.critic_scheduler = make_optimizer(
+            self.critic.parameters(), config.critic_learning_rate, config.weight_decay, config.warmup_steps,
+            config.fused_optimizer)
         if self.sharded:
             self.policy_train, self.critic_train = self.policy, self.critic
         else:
