@@ -501,15 +501,10 @@ class PPOTrainer(BaseTrainer):
         return self.policy if optimizer is self.optimizer else self.critic
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        if self.sharded:
-            return dist.full_optimizer_state(self._model_of(optimizer), optimizer)
-        return super().optimizer_state(optimizer)
+        return dist.optimizer_state(self._model_of(optimizer), optimizer)
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        if self.sharded:
-            dist.load_full_optimizer_state(self._model_of(optimizer), optimizer, state)
-        else:
-            super().load_optimizer_state(optimizer, state)
+        dist.load_optimizer_state(self._model_of(optimizer), optimizer, state)
 
     def gather_weights(self) -> None:
         if self.sharded:
@@ -530,15 +525,9 @@ class PPOTrainer(BaseTrainer):
     def load_weights(self, folder: Path) -> None:
         if self.config.lora_r:
             load_adapter_weights(self.policy, folder)
-        elif self.sharded:
-            dist.load_full_state_dict(self.policy, load_causal_lm(str(folder)).state_dict())
         else:
-            self.policy.load_state_dict(load_causal_lm(str(folder)).state_dict())
+            dist.load_state_dict(self.policy, load_causal_lm(str(folder)).state_dict())
         if self.config.shared_critic:
             self.critic.load_heads(folder / "critic" / ValueHeads.HEADS_FILE)
-            return
-        critic = Critic.from_backbone(str(folder / "critic"), self.num_groups).state_dict()
-        if self.sharded:
-            dist.load_full_state_dict(self.critic, critic)
         else:
-            self.critic.load_state_dict(critic)
+            dist.load_state_dict(self.critic, Critic.from_backbone(str(folder / "critic"), self.num_groups).state_dict())

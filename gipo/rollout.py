@@ -111,20 +111,23 @@ def generate(model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.
     return rollout
 
 
+def _inner_model(model):
+    """The transformers model inside gipo's and PEFT's wrappers (AdapterDisabledReference, PeftModel, LoraModel)."""
+    while not isinstance(model, PreTrainedModel) and getattr(model, "model", None) is not None:
+        model = model.model
+    return model
+
+
 def _model_config(model):
-    config = getattr(model, "config", None)
-    return config if config is not None else getattr(getattr(model, "model", None), "config", None)
+    return getattr(_inner_model(model), "config", None)
 
 
 def _cache_keyword(model) -> str:
     """transformers 5 names a forward's KV cache ``cache``; earlier versions ``past_key_values``."""
     import inspect
 
-    while not isinstance(model, PreTrainedModel) and getattr(model, "model", None) is not None:
-        model = model.model  # AdapterDisabledReference, PeftModel, LoraModel
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    forward = type(_inner_model(model)).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def fast_sampling_supported(model) -> bool:
@@ -138,9 +141,7 @@ def _stop_ids(model, eos_id: int | None, device) -> torch.Tensor | None:
     """Tokens that end a row, as HF generate picks them: ``eos_id``, or without one the EOS of the model's
     own generation config (rows still end there, and are padded after it, with ``stop_on_eos=False``)."""
     if eos_id is None:
-        while getattr(model, "generation_config", None) is None and getattr(model, "model", None) is not None:
-            model = model.model
-        eos_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos_id = getattr(getattr(_inner_model(model), "generation_config", None), "eos_token_id", None)
     if eos_id is None:
         return None
     return torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
