@@ -494,20 +494,6 @@ def measure_floor(trainer, batch: int, repeats: int = 3) -> dict:
 PLAIN_OPTIONS = {"generation_backend": "hf", "reuse_generation_logprobs": False, "fused_optimizer": False}
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``KEY=VALUE`` gipo PPOConfig settings (VALUE read as JSON where it parses, else as a string)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--gipo-set takes KEY=VALUE, got {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
-
-
 def run_gipo(spec: dict, method: str, profile: bool, variant: str) -> dict:
     import torch
     import transformers
@@ -649,6 +635,8 @@ def run_side(spec: dict, side: str, label: str, work: Path, args, python: str, v
     run_dir = work / f"{label}-{side}".replace("/", "of").replace(" ", "-")
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path, out = run_dir / "spec.json", run_dir / "result.json"
+    from gipo.config import parse_overrides  # the parent runs with the project's python; `--set`'s parsing
+
     spec_path.write_text(json.dumps({**spec, "run_dir": str(run_dir / "run"),
                                      "gipo_overrides": parse_overrides(args.gipo_set)}))
     started = time.perf_counter()
