@@ -311,6 +311,12 @@ def load_reward_model(name: str, trust_remote_code: bool = False) -> PreTrainedM
     return model
 
 
+def without_cache(config) -> dict[str, bool]:
+    """The keyword that makes a one-shot forward skip building a KV cache (about 3% of its time on CPU), for
+    the models that have one (an encoder's forward may not take the keyword)."""
+    return {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, so a padded prompt sees the same positions as an unpadded one."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -398,7 +404,8 @@ class Critic(ValueHeads):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns per-token values (B, T) and group logits (B, M)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+                               position_ids=position_ids_from_mask(attention_mask),
+                               **without_cache(self.backbone.config)).last_hidden_state
         return self.read(hidden, attention_mask)
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -17,6 +17,7 @@ from gipo.rollout import (
     response_logprobs,
     response_mask_from_ids,
     sample_fast,
+    vocabulary_logits,
 )
 
 PAD, EOS = 0, 1
@@ -135,6 +136,21 @@ def test_active_dropout_detected():
     assert has_active_dropout(model)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     assert has_active_dropout(gpt2)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_vocabulary_logits_are_the_heads_output(bias):
+    head = torch.nn.Linear(2, 3, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, -1.0]]))
+        if bias:
+            head.bias.copy_(torch.tensor([0.5, 0.0, -0.5]))
+    hidden = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    expected = torch.tensor([[1.0, 4.0, -1.0], [3.0, -2.0, 4.0]]) + (head.bias.detach() if bias else 0)
+    assert torch.equal(vocabulary_logits(head, hidden), expected)
+    wide = torch.nn.Linear(64, 1000)
+    rows = torch.randn(8, 64)
+    torch.testing.assert_close(vocabulary_logits(wide, rows), wide(rows))
 
 
 def test_top_k_top_p_on_hand_made_logits():
