@@ -7,6 +7,8 @@ predict the response tokens, so only those are computed (``logits_to_keep``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -80,12 +82,15 @@ def generate(model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.
              pad_id: int, settings: SamplingSettings, greedy: bool = False, with_logprobs: bool = False,
              with_states: bool = False) -> Rollout:
     """Sample responses (``greedy``: argmax). ``settings.backend`` "fast" runs :func:`sample_fast` where the
-    model supports it (a decoder-only model with a KV cache) and HF ``generate`` otherwise.
+    model supports it (a decoder-only model with a KV cache; on a CPU, with :func:`packed_linear_weights`)
+    and HF ``generate`` otherwise.
     ``with_logprobs`` fills ``Rollout.sampled_logprobs`` (the fast loop gets them for free; with HF
     generate they come from one more forward). ``with_states`` (fast loop only) fills ``Rollout.sampled_states``."""
     if settings.backend == "fast" and fast_sampling_supported(model):
-        return sample_fast(model, query_ids, query_mask, eos_id, pad_id, settings, greedy, with_logprobs,
-                           with_states)
+        on_cpu = query_ids.device.type == "cpu"
+        with packed_linear_weights(model, len(query_ids)) if on_cpu else contextlib.nullcontext():
+            return sample_fast(model, query_ids, query_mask, eos_id, pad_id, settings, greedy, with_logprobs,
+                               with_states)
     if with_states:
         raise ValueError("sampled hidden states come only from the fast sampling loop (backend 'fast', a decoder "
                          "with a KV cache)")
@@ -157,6 +162,46 @@ def has_active_dropout(model) -> bool:
                                                                     "attention_probs_dropout_prob"))
 
 
+def _can_pack_linear_weights() -> bool:
+    mkldnn = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")
+            and hasattr(mkldnn, "_linear_pointwise"))
+
+
+@contextlib.contextmanager
+def packed_linear_weights(model, rows: int, min_weight_numel: int = 2**18) -> Iterator[None]:
+    """While sampling on a CPU, each token multiplies only ``rows`` rows by every weight matrix, and oneDNN
+    runs that product about twice as fast from weights reordered once into its blocked layout (measured on
+    SmolLM2-135M: 19 against 7 GB/s for the LM head, 17 against 8 for an MLP matrix; slower for matrices
+    under ``min_weight_numel``, which keep the plain product). Inside this block the large fp32 linear
+    layers of ``model`` use such a copy for inputs of at most ``rows`` rows (a prompt's prefill keeps the
+    plain product). The copy costs one pass over the weights and their size in memory until the block ends;
+    the results differ from the plain product only by float rounding."""
+    patched = []
+    if _can_pack_linear_weights() and not dist.is_sharded(model):
+        for module in _inner_model(model).modules():
+            weight = getattr(module, "weight", None)
+            if (type(module) is not torch.nn.Linear or "forward" in vars(module) or weight.device.type != "cpu"
+                    or weight.dtype != torch.float32 or weight.numel() < min_weight_numel):
+                continue
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+            def forward(x: torch.Tensor, module=module, packed=packed) -> torch.Tensor:
+                if x.numel() > rows * x.shape[-1] or torch.is_grad_enabled():
+                    return torch.nn.functional.linear(x, module.weight, module.bias)
+                out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, module.bias,
+                                                         "none", [], "")
+                return out.reshape(*x.shape[:-1], out.shape[-1])
+
+            module.forward = forward
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Top-k, then top-p (nucleus) filtering of (B, V) scores, exactly as HF's warpers do it: filtered
     tokens get -inf; ties at the k-th score are kept; top-p keeps the smallest set of the most likely tokens
@@ -205,7 +250,7 @@ def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id
 
         def forward(**inputs) -> torch.Tensor:
             states.append(decoder(**inputs, use_cache=True, **cache).last_hidden_state[:, -1])
-            return vocabulary_logits(lm_head, states[-1]).float()
+            return lm_head(states[-1]).float()
     else:
         cache = {_cache_keyword(model): DynamicCache(config=_model_config(model))}
 
@@ -278,16 +323,6 @@ def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The decoder and the LM head of a causal LM, through a PEFT wrapper (its adapters stay active)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.get_decoder(), inner.get_output_embeddings()
-
-
-def vocabulary_logits(lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """``lm_head(hidden)`` for the few rows (B, H) of one sampling step. On a CPU, a plain linear head is
-    computed as (V, H) @ (H, B): MKL's kernels run that shape about twice as fast as (B, H) @ (H, V) when B
-    is small, and the vocabulary matrix is the largest one read for every token."""
-    if type(lm_head) is not torch.nn.Linear or hidden.device.type != "cpu":
-        return lm_head(hidden)
-    logits = torch.mm(lm_head.weight, hidden.t()).t()
-    return logits if lm_head.bias is None else logits + lm_head.bias
 
 
 def logprobs_and_values(policy, heads, rollout: Rollout, temperature: float, with_entropy: bool = False,

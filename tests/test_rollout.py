@@ -16,8 +16,8 @@ from gipo.rollout import (
     has_active_dropout,
     response_logprobs,
     response_mask_from_ids,
+    packed_linear_weights,
     sample_fast,
-    vocabulary_logits,
 )
 
 PAD, EOS = 0, 1
@@ -138,19 +138,25 @@ def test_active_dropout_detected():
     assert has_active_dropout(gpt2)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_vocabulary_logits_are_the_heads_output(bias):
-    head = torch.nn.Linear(2, 3, bias=bias)
-    with torch.no_grad():
-        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, -1.0]]))
-        if bias:
-            head.bias.copy_(torch.tensor([0.5, 0.0, -0.5]))
-    hidden = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
-    expected = torch.tensor([[1.0, 4.0, -1.0], [3.0, -2.0, 4.0]]) + (head.bias.detach() if bias else 0)
-    assert torch.equal(vocabulary_logits(head, hidden), expected)
-    wide = torch.nn.Linear(64, 1000)
-    rows = torch.randn(8, 64)
-    torch.testing.assert_close(vocabulary_logits(wide, rows), wide(rows))
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_packed_weights_sample_what_the_plain_product_samples(model):
+    ids, mask = _queries(model.config.vocab_size)
+    settings = SamplingSettings(max_new_tokens=10, backend="fast")
+    torch.manual_seed(0)
+    plain = sample_fast(model, ids, mask, EOS, PAD, settings, with_logprobs=True)
+    with packed_linear_weights(model, rows=len(ids), min_weight_numel=0):
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all("forward" in vars(m) for m in linears)
+        torch.manual_seed(0)
+        packed = sample_fast(model, ids, mask, EOS, PAD, settings, with_logprobs=True)
+        layer = linears[0]
+        rows = torch.randn(len(ids), layer.in_features)
+        many_rows = torch.randn(len(ids) + 1, layer.in_features)
+        torch.testing.assert_close(layer(rows), torch.nn.functional.linear(rows, layer.weight, layer.bias))
+        assert torch.equal(layer(many_rows), torch.nn.functional.linear(many_rows, layer.weight, layer.bias))
+    assert not any("forward" in vars(m) for m in linears)  # the plain layers are back
+    _assert_same(plain, packed)
+    torch.testing.assert_close(packed.sampled_logprobs, plain.sampled_logprobs, atol=1e-5, rtol=0)
 
 
 def test_top_k_top_p_on_hand_made_logits():
