@@ -14,9 +14,9 @@ from gipo.rollout import (
     filter_logits,
     generate,
     has_active_dropout,
+    packed_linear_weights,
     response_logprobs,
     response_mask_from_ids,
-    packed_linear_weights,
     sample_fast,
 )
 
