@@ -9,6 +9,15 @@ The Python API mirrors the command line::
     trainer.save_pretrained("my-policy")
 """
 
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # accelerate and transformers import DeepSpeed whenever it is installed (to unwrap models on save); on a machine
+    # without GPUs it then prints a warning to stdout unless told the device. Telling it keeps stdout clean.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 from gipo.config import EvalConfig, PPOConfig, RewardConfig, SFTConfig, build_config, load_config
 from gipo.models import Critic, build_embedded_model, build_embedded_tokenizer
 from gipo.ppo import PPOTrainer

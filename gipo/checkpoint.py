@@ -204,5 +204,7 @@ def save_state(state: dict[str, Any], folder: Path) -> None:
     torch.save(state, folder / STATE_FILE)
 
 
-def load_state(folder: Path) -> dict[str, Any]:
-    return torch.load(folder / STATE_FILE, weights_only=True)
+def load_state(folder: Path, allowed_classes: list[type] | tuple[type, ...] = ()) -> dict[str, Any]:
+    """The trainer state, unpickled with tensors and plain types only, plus ``allowed_classes``."""
+    with torch.serialization.safe_globals(list(allowed_classes)):
+        return torch.load(folder / STATE_FILE, weights_only=True)

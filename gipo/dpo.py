@@ -92,7 +92,7 @@ class DPOTrainer(BaseTrainer):
             total_loss += loss.item() / len(chunks)
             correct += (margin > 0).float().sum().item()
             margins += margin.sum().item()
-        grad_norm = self.optimizer_step(self.model.parameters(), self.optimizer, self.scheduler)
+        grad_norm = self.optimizer_step(self.model, self.optimizer, self.scheduler)
         metrics = {"train/loss": total_loss, "train/accuracy": correct / len(indices),
                    "train/margin": margins / len(indices), "train/grad_norm": grad_norm}
         if self.config.eval_every and self.step % self.config.eval_every == 0:

@@ -130,12 +130,17 @@ class PPOTrainer(BaseTrainer):
             self.policy = apply_lora(self.policy, config.lora_r, config.lora_alpha, config.lora_dropout,
                                      config.lora_target_modules)
         self.reference = self._make_reference(reference)
-        self.sharded = config.fsdp and dist.launched_with_several_processes()  # one process holds it all anyway
-        if self.sharded:
+        self.deepspeed = dist.launched_with_deepspeed() and dist.launched_with_several_processes()
+        if self.deepspeed and (config.lora_r or config.fsdp):
+            raise ConfigError("Under a DeepSpeed launch gipo trains full models with ZeRO; with lora_r use DDP "
+                              "(examples/accelerate/ddp.yaml), and leave fsdp unset (DeepSpeed shards).")
+        if config.fsdp and dist.launched_with_several_processes():  # one process holds it all anyway
             dist.shard_model(self.policy)  # before the optimizers, which must hold the shards
             dist.shard_model(self.critic)
         self.full_weights: dict[str, dict[str, torch.Tensor]] = {}
         self._make_optimizers()
+        # Weights split across processes (FSDP, ZeRO-3) need every process in each forward of the trained models.
+        self.sharded = dist.is_sharded(self.policy)
         self.sampler = EpochSampler(len(self.records), config.seed)
         self.kl_ctl = make_kl_controller(config.kl_coef, config.adaptive_kl, config.target_kl, config.kl_horizon)
         self.score_moments = RunningMoments()
@@ -183,7 +188,7 @@ class PPOTrainer(BaseTrainer):
         # As in TRL, the critic starts from the reward model; from the policy when their tokens differ (a copy
         # of the policy without LoRA adapters: the critic is trained in full).
         source = reward_model.base_model if self.scorer.same_tokenizer else self.policy.base_model
-        return Critic(copy.deepcopy(source), self.num_groups)
+        return Critic(copy.deepcopy(source).requires_grad_(True), self.num_groups)  # the reward model itself is frozen
 
     def _make_reference(self, reference) -> torch.nn.Module:
         if reference is None and self.config.reference:
@@ -195,9 +200,9 @@ class PPOTrainer(BaseTrainer):
         return copy.deepcopy(self.policy).eval().requires_grad_(False)
 
     def _make_optimizers(self) -> None:
-        """AdamW for the policy and the critic; under DDP, the models as the launch wraps them for training
-        forwards (``policy_train``, ``critic_train``; elsewhere the plain modules). Sharded models average
-        their gradients themselves."""
+        """AdamW for the policy and the critic, and the models as trained (``policy_train``, ``critic_train``):
+        under DDP as the launch wraps them, under DeepSpeed one engine each (their optimizers then ZeRO's),
+        elsewhere the plain modules (sharded ones average their gradients themselves)."""
         config = self.config
         self.optimizer, self.scheduler = make_optimizer(self.policy.parameters(), config.learning_rate,
                                                         config.weight_decay, config.warmup_steps,
@@ -205,7 +210,14 @@ class PPOTrainer(BaseTrainer):
         self.critic_optimizer, self.critic_scheduler = make_optimizer(
             self.critic.parameters(), config.critic_learning_rate, config.weight_decay, config.warmup_steps,
             config.fused_optimizer)
-        if self.sharded:
+        if self.deepspeed:
+            steps = config.gradient_accumulation_steps
+            micro_batch = max(1, config.mini_batch_size // dist.world_size() // steps)
+            self.policy_train, self.optimizer = dist.deepspeed_engine(self.policy, self.optimizer, micro_batch, steps,
+                                                                      config.max_grad_norm)
+            self.critic_train, self.critic_optimizer = dist.deepspeed_engine(self.critic, self.critic_optimizer,
+                                                                             micro_batch, steps, config.max_grad_norm)
+        elif dist.is_sharded(self.policy):
             self.policy_train, self.critic_train = self.policy, self.critic
         else:
             self.policy_train, self.critic_train, self.optimizer, self.critic_optimizer = self.prepare(
@@ -376,9 +388,8 @@ class PPOTrainer(BaseTrainer):
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0.0) + value
                     count += 1
-                stats_policy = self.optimizer_step(self.policy.parameters(), self.optimizer, self.scheduler)
-                stats_critic = self.optimizer_step(self.critic.parameters(), self.critic_optimizer,
-                                                   self.critic_scheduler)
+                stats_policy = self.optimizer_step(self.policy_train, self.optimizer, self.scheduler)
+                stats_critic = self.optimizer_step(self.critic_train, self.critic_optimizer, self.critic_scheduler)
                 sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + stats_policy
                 sums["val/grad_norm"] = sums.get("val/grad_norm", 0.0) + stats_critic
         steps = config.ppo_epochs * (len(experience) // self.local_mini_batch_size)
@@ -437,7 +448,11 @@ class PPOTrainer(BaseTrainer):
         entropy_mean = masked_mean(entropy, mask, reduce=self.reduce)
         loss = policy_loss - config.entropy_coef * entropy_mean
         check_finite(self.step, policy_loss=loss, value_loss=critic_loss)
-        self.backward((loss + critic_loss) * weight)
+        if self.deepspeed:  # each engine runs the backward of its own model's loss (its hooks reduce the gradients)
+            self.policy_train.backward(loss * weight, scale_wrt_gas=False)
+            self.critic_train.backward(critic_loss * weight, scale_wrt_gas=False)
+        else:
+            self.backward((loss + critic_loss) * weight)
         token_mean = {name: masked_mean(value.detach(), mask, reduce=self.reduce).item() for name, value in (
             ("policy/approxkl_avg", policy_stats["approxkl"]), ("policy/clipfrac_avg", policy_stats["clipped"]),
             ("val/clipfrac_avg", value_clipped), ("val/ratio", policy_stats["ratio"]))}
@@ -496,7 +511,8 @@ class PPOTrainer(BaseTrainer):
         self.gain_baseline = state["gain_baseline"]
 
     # With fsdp, checkpoints hold full weights and full optimizer states (keyed by parameter name), as one
-    # process would save them; every process reads them back and keeps its shards.
+    # process would save them; every process reads them back and keeps its shards. Under DeepSpeed they hold the
+    # full weights and every process's ZeRO partition of the optimizer states.
     def _model_of(self, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
         return self.policy if optimizer is self.optimizer else self.critic
 

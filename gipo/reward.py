@@ -147,7 +147,7 @@ class RewardTrainer(BaseTrainer):
             (loss / len(chunks)).backward()
             total_loss += loss.item() / len(chunks)
             correct += (chosen > rejected).float().sum().item()
-        grad_norm = self.optimizer_step(self.model.parameters(), self.optimizer, self.scheduler)
+        grad_norm = self.optimizer_step(self.model, self.optimizer, self.scheduler)
         return {"train/loss": total_loss, "train/accuracy": correct / len(indices), "train/grad_norm": grad_norm,
                 "train/learning_rate": self.scheduler.get_last_lr()[0]}
 

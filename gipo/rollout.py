@@ -105,7 +105,8 @@ def generate(model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.
     )
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
+    out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config,
+                         synced_gpus=dist.is_sharded(model))
     response_ids = out[:, query_ids.shape[1]:]
     mask, has_eos = response_mask_from_ids(response_ids, eos_id if settings.stop_on_eos else None)
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))

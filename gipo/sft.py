@@ -70,7 +70,7 @@ class SFTTrainer(BaseTrainer):
             check_finite(self.step, loss=loss)
             (loss / len(chunks)).backward()
             total_loss += loss.item() / len(chunks)
-        grad_norm = self.optimizer_step(self.model.parameters(), self.optimizer, self.scheduler)
+        grad_norm = self.optimizer_step(self.model, self.optimizer, self.scheduler)
         return {"train/loss": total_loss, "train/grad_norm": grad_norm,
                 "train/learning_rate": self.scheduler.get_last_lr()[0]}
 

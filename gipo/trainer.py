@@ -178,7 +178,8 @@ class BaseTrainer:
     ``save_pretrained`` / ``load_weights``.
 
     Under ``accelerate launch`` with several processes (``supports_several_processes`` trainers only),
-    ``self.accelerator`` wraps the trained models (DDP, or FSDP / DeepSpeed as the launch config says);
+    ``self.accelerator`` wraps the trained models in DDP (PPO shards them itself with ``fsdp: true``, and builds
+    DeepSpeed engines under a DeepSpeed launch);
     every process trains on its share of each batch and only the main process writes to the run directory.
     """
 
@@ -195,9 +196,12 @@ class BaseTrainer:
             if not self.supports_several_processes:
                 raise ConfigError(f"gipo {self.stage} runs in one process; several processes (accelerate launch "
                                   "--num_processes N) are supported by `gipo train` (PPO and the group methods).")
-            self.accelerator = dist.make_accelerator(cpu=self.device.type == "cpu",
-                                                     find_unused_parameters=self.has_unused_parameters())
-            self.device = self.accelerator.device
+            if dist.launched_with_deepspeed():
+                self.device = dist.start_deepspeed_processes(cpu=self.device.type == "cpu")
+            else:
+                self.accelerator = dist.make_accelerator(cpu=self.device.type == "cpu",
+                                                         find_unused_parameters=self.has_unused_parameters())
+                self.device = self.accelerator.device
         self.step = 0
         self.skipped_batches = 0
         seed_everything(config.seed)
@@ -264,11 +268,20 @@ class BaseTrainer:
         else:
             self.accelerator.backward(loss)
 
-    def optimizer_step(self, parameters, optimizer, scheduler) -> float:
-        """Clip, check and apply the accumulated gradients; returns the gradient norm before clipping."""
+    def optimizer_step(self, model: torch.nn.Module, optimizer, scheduler) -> float:
+        """Clip, check and apply the accumulated gradients of ``model`` (as trained: plain, DDP-wrapped or a
+        DeepSpeed engine); returns the gradient norm before clipping."""
+        if dist.is_deepspeed_engine(model):
+            model.step()  # DeepSpeed reduces, clips, steps and zeroes the gradients itself
+            scheduler.step()
+            grad_norm = torch.tensor(float(model.get_global_grad_norm()))
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteError("gradient norm", self.step)
+            return float(grad_norm)
         max_norm = self.config.max_grad_norm or float("inf")
-        grad_norm = (torch.nn.utils.clip_grad_norm_(list(parameters), max_norm) if self.accelerator is None
-                     else self.accelerator.clip_grad_norm_(list(parameters), max_norm))
+        parameters = list(model.parameters())
+        grad_norm = (torch.nn.utils.clip_grad_norm_(parameters, max_norm) if self.accelerator is None
+                     else self.accelerator.clip_grad_norm_(parameters, max_norm))
         if hasattr(grad_norm, "full_tensor"):  # the norm over sharded gradients (FSDP2) is a DTensor
             grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
@@ -381,7 +394,7 @@ class BaseTrainer:
 
     def _restore(self, folder: Path) -> None:
         self.load_weights(folder)
-        state = ckpt.load_state(folder)
+        state = ckpt.load_state(folder, dist.checkpoint_classes())
         self.step, self.skipped_batches = state["step"], state["skipped_batches"]
         self.load_trainer_state(state["trainer"])
         per_process = state.get("rng_per_process", [])

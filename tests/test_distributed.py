@@ -8,6 +8,7 @@ a different split of the batch); one minibatch per epoch, so that both runs upda
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import shutil
@@ -43,11 +44,11 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run(command: list[str], processes: int) -> None:
+def _run(command: list[str], processes: int, mode: tuple[str, ...] = ("--multi_gpu",)) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if processes > 1:
         accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-        launch = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        launch = [accelerate, "launch", *mode, "--num_processes", str(processes), "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
                   "-m", "gipo"]
     else:
@@ -105,6 +106,55 @@ def test_two_processes_resume_where_they_stopped(tiny_pipeline, tmp_path, method
     _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")
 
 
+def _zero(stage: int) -> tuple[str, ...]:
+    return ("--use_deepspeed", "--zero_stage", str(stage))
+
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (`make install` installs it)")
+
+
+@needs_deepspeed
+@pytest.mark.parametrize(("method", "stage", "accumulation"), [("ppo", 2, 1), ("gipo", 3, 1), ("gipo", 2, 2)])
+def test_deepspeed_zero_matches_ddp_and_one_process(tiny_pipeline, tmp_path, method, stage, accumulation):
+    """One DeepSpeed engine per trained model; with ZeRO-3 the weights themselves are split, so sampling and
+    the checkpoints' full weights need both processes. With gradient accumulation the reference is DDP with
+    the same two processes: token-mean losses over micro-batches depend on how the batch is split."""
+    settings = _settings(tiny_pipeline, method, gradient_accumulation_steps=accumulation)
+    reference = ["train", "--out", str(tmp_path / "reference"), "--set=max_steps=4", *settings]
+    _run(reference, processes=1 if accumulation == 1 else 2)
+    _run(["train", "--out", str(tmp_path / "zero"), "--set=max_steps=4", *settings], processes=2, mode=_zero(stage))
+    one = read_metrics(tmp_path / "reference" / "metrics.jsonl")
+    two = read_metrics(tmp_path / "zero" / "metrics.jsonl")
+    assert len(one) == 4 and "loss/policy_avg" in one[-1]
+    _assert_same_metrics(one, two)
+    _assert_same_weights(tmp_path / "reference" / "final", tmp_path / "zero" / "final")
+    assert sorted(p.name for p in (tmp_path / "zero" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_runs_resume_where_they_stopped(tiny_pipeline, tmp_path, stage):
+    """The checkpoint holds the full weights and every process's ZeRO partition of the optimizer states."""
+    settings = _settings(tiny_pipeline, "gipo")
+    _run(["train", "--out", str(tmp_path / "one"), "--set=max_steps=4", *settings], processes=1)
+    _run(["train", "--out", str(tmp_path / "two"), "--set=max_steps=2", *settings], processes=2, mode=_zero(stage))
+    _run(["train", "--out", str(tmp_path / "two"), "--resume", "--set=max_steps=4", *settings], processes=2,
+         mode=_zero(stage))
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    _assert_same_metrics(one, two)
+    _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")
+
+
+def test_a_deepspeed_checkpoint_resumes_only_under_the_launch_that_wrote_it():
+    from gipo.config import ConfigError
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ConfigError, match="holds 2 DeepSpeed ZeRO partitions, and this launch has no DeepSpeed"):
+        distributed.load_optimizer_state(model, optimizer, {"zero_partitions": [{}, {}]})
+
+
 def test_batch_shards_and_global_helpers_in_one_process():
     assert distributed.shard(list(range(8))) == list(range(8))
     values = torch.tensor([1.0, 2.0, 6.0])
@@ -114,13 +164,20 @@ def test_batch_shards_and_global_helpers_in_one_process():
     assert distributed.any_process(torch.tensor([False, True])).tolist() == [False, True]
 
 
-@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_accelerates_own_fsdp_and_deepspeed_modes_are_refused_with_directions(monkeypatch, flag):
+def test_accelerates_own_fsdp_mode_is_refused_with_directions(monkeypatch):
     from gipo.config import ConfigError
 
-    monkeypatch.setenv(flag, "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="--set fsdp=true"):
         distributed.make_accelerator(cpu=True, find_unused_parameters=False)
+
+
+def test_deepspeed_launch_without_deepspeed_says_how_to_install(monkeypatch):
+    from gipo.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import fails as if it were not installed
+    with pytest.raises(ConfigError, match="pip install --no-build-isolation deepspeed"):
+        distributed.start_deepspeed_processes(cpu=True)
 
 
 def test_fsdp_is_for_fully_trained_models():

@@ -144,6 +144,20 @@ def test_lora_trains_adapters_and_uses_the_adapter_free_model_as_reference(tiny_
     assert (tmp_path / "lora" / "final" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_a_critic_copied_from_the_frozen_reward_model_is_trained_in_full(tiny_pipeline, tmp_path):
+    config = build_config(PPOConfig, {**TINY_PPO, "policy": str(tiny_pipeline["sft"] / "final"),
+                                      "reward_model": str(tiny_pipeline["rm"] / "final")})
+    trainer = PPOTrainer(config, output_dir=tmp_path / "run", prompts_per_group=8)
+    assert trainer.scorer.same_tokenizer
+    before = {name: p.detach().clone() for name, p in trainer.critic.backbone.named_parameters()}
+    trainer.training_step()
+    trained = {id(p) for group in trainer.critic_optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in trained for p in trainer.critic.parameters())
+    assert all(not torch.equal(before[name], p) for name, p in trainer.critic.backbone.named_parameters()
+               if "norm" not in name)
+    assert not any(p.requires_grad for p in trainer.scorer.model.parameters())  # the reward model stays frozen
+
+
 def test_with_lora_a_critic_copied_from_the_policy_is_trained_in_full(tiny_pipeline, tmp_path):
     """The critic starts from the policy's backbone when the reward model reads other tokens: it must be a
     copy made before the adapters go in (else it would hold frozen weights and adapters of its own)."""
