@@ -208,9 +208,10 @@ def load_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """``optimizer``'s state dict; for a sharded model the full one, keyed by parameter name, on the main
-    process; for DeepSpeed's ZeRO optimizer the list of every process's partition (every process must call it)."""
+    process; for DeepSpeed's ZeRO optimizer the list of every process's partition, on the main process (every
+    process must call it)."""
     if _is_zero_optimizer(optimizer):
-        return {"zero_partitions": gather_objects(optimizer.state_dict())}
+        return {"zero_partitions": gather_objects_to_main(optimizer.state_dict())}
     if not is_sharded(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -270,6 +271,15 @@ def gather_objects(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * world_size()
     torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def gather_objects_to_main(obj: Any) -> list[Any] | None:
+    """Every process's ``obj``, in rank order, on the main process only (None elsewhere)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if is_main_process() else None
+    torch.distributed.gather_object(obj, out, dst=0)
     return out
 
 

@@ -161,6 +161,7 @@ def test_batch_shards_and_global_helpers_in_one_process():
     assert distributed.global_mean(values).item() == 3.0
     assert distributed.gather(values) is values
     assert distributed.gather_objects({"a": 1}) == [{"a": 1}]
+    assert distributed.gather_objects_to_main({"a": 1}) == [{"a": 1}]
     assert distributed.any_process(torch.tensor([False, True])).tolist() == [False, True]
 
 
