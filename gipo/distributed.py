@@ -173,10 +173,11 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A sharded model's full state dict on the main process ({} elsewhere); every process must call it."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    if _zero3_parameters(model):
+    partitioned = _zero3_parameters(model)
+    if partitioned:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(_zero3_parameters(model)):
+        with deepspeed.zero.GatheredParameters(partitioned):
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if is_main_process() else {}
     else:
         state = get_model_state_dict(model, options=_full_options())
@@ -192,10 +193,11 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a full state dict (the same on every process); a sharded model keeps its shards of it."""
-    if _zero3_parameters(model):
+    partitioned = _zero3_parameters(model)
+    if partitioned:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(_zero3_parameters(model), modifier_rank=0):
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
             model.load_state_dict(state)
         return
     if not is_sharded(model):

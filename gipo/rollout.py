@@ -128,6 +128,11 @@ def _model_config(model):
     return getattr(_inner_model(model), "config", None)
 
 
+def _one_shot(model) -> dict[str, bool]:
+    """Keywords for a forward that is run once (scoring, training): no KV cache to build."""
+    return without_cache(_model_config(model))
+
+
 def _cache_keyword(model) -> str:
     """transformers 5 names a forward's KV cache ``cache``; earlier versions ``past_key_values``."""
     import inspect
@@ -303,7 +308,7 @@ def response_logprobs(model: PreTrainedModel, rollout: Rollout, temperature: flo
     gradient only when ``entropy_grad``: a logged entropy needs no graph over the vocabulary)."""
     width = rollout.response_ids.shape[1]
     attention_mask = rollout.attention_mask
-    logits = model(input_ids=rollout.sequences, attention_mask=attention_mask, **without_cache(_model_config(model)),
+    logits = model(input_ids=rollout.sequences, attention_mask=attention_mask, **_one_shot(model),
                    position_ids=position_ids_from_mask(attention_mask), logits_to_keep=width + 1).logits[:, :-1]
     return _token_logprobs(logits, rollout.response_ids, temperature, with_entropy, entropy_grad)
 
@@ -334,7 +339,7 @@ def logprobs_and_values(policy, heads, rollout: Rollout, temperature: float, wit
     hidden states. The group head's input is detached: its adversarial objective must not move the policy."""
     decoder, lm_head = causal_lm_parts(policy)
     attention_mask = rollout.attention_mask
-    hidden = decoder(input_ids=rollout.sequences, attention_mask=attention_mask, **without_cache(decoder.config),
+    hidden = decoder(input_ids=rollout.sequences, attention_mask=attention_mask, **_one_shot(decoder),
                      position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
     width = rollout.response_ids.shape[1]
     states = hidden[:, -width - 1:-1]
@@ -401,6 +406,6 @@ class RewardScorer:
 def score_sequences(reward_model: PreTrainedModel, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar score per sequence, read at its last attended token."""
-    logits = reward_model(input_ids=input_ids, attention_mask=attention_mask, **without_cache(getattr(reward_model, "config", None)),
+    logits = reward_model(input_ids=input_ids, attention_mask=attention_mask, **_one_shot(reward_model),
                           position_ids=position_ids_from_mask(attention_mask)).logits
     return logits.squeeze(-1).float()

@@ -274,10 +274,10 @@ class BaseTrainer:
         if dist.is_deepspeed_engine(model):
             model.step()  # DeepSpeed reduces, clips, steps and zeroes the gradients itself
             scheduler.step()
-            grad_norm = torch.tensor(float(model.get_global_grad_norm()))
-            if not torch.isfinite(grad_norm):
+            grad_norm = float(model.get_global_grad_norm())
+            if not math.isfinite(grad_norm):
                 raise NonFiniteError("gradient norm", self.step)
-            return float(grad_norm)
+            return grad_norm
         max_norm = self.config.max_grad_norm or float("inf")
         parameters = list(model.parameters())
         grad_norm = (torch.nn.utils.clip_grad_norm_(parameters, max_norm) if self.accelerator is None
