@@ -129,20 +129,41 @@ class DPOConfig(RunConfig):
                                       "is a pairs file, e.g. builtin).")
 
 
+_NO_GROUPS = {"groups": "none", "group_objective": "none", "group_kl": False}
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    "ppo": {"_about": "plain PPO", "groups": "none", "group_objective": "none", "group_kl": False},
-    "ppo_no_kl": {"_about": "PPO without KL penalty", "groups": "none", "group_objective": "none",
-                  "group_kl": False, "kl_coef": 0.0},
-    "gipo_fixed_kl": {"_about": "inferred groups + invariant objective, fixed KL", "groups": "inferred",
-                      "group_objective": "variance", "group_kl": False},
-    "gipo": {"_about": "all three parts, as in the paper", "groups": "inferred", "group_objective": "variance",
-             "group_kl": True},
-    "gipo_gain": {"_about": "all three, groups from the per-prompt gain, mass-weighted variance",
+    "ppo": {"_about": "plain PPO", "estimator": "gae", **_NO_GROUPS},
+    "ppo_no_kl": {"_about": "PPO without KL penalty", "estimator": "gae", **_NO_GROUPS, "kl_coef": 0.0},
+    "gipo_fixed_kl": {"_about": "inferred groups + invariant objective, fixed KL", "estimator": "gae",
+                      "groups": "inferred", "group_objective": "variance", "group_kl": False},
+    "gipo": {"_about": "all three parts, as in the paper", "estimator": "gae", "groups": "inferred",
+             "group_objective": "variance", "group_kl": True},
+    "gipo_gain": {"_about": "all three, groups from the per-prompt gain, mass-weighted variance", "estimator": "gae",
                   "groups": "inferred", "group_objective": "variance", "group_kl": True, "group_signal": "gain",
                   "group_var": "mass"},
-    "oracle_dro": {"_about": "group DRO on the data's group labels", "groups": "oracle",
+    "oracle_dro": {"_about": "group DRO on the data's group labels", "estimator": "gae", "groups": "oracle",
                    "group_objective": "dro", "group_kl": False},
-    "custom": {"_about": "no preset: set the group keys yourself"},
+    "grpo": {"_about": "GRPO, no critic", "estimator": "grpo", **_NO_GROUPS},
+    "dr_grpo": {"_about": "Dr. GRPO, no critic", "estimator": "dr_grpo", **_NO_GROUPS},
+    "rloo": {"_about": "RLOO, no critic", "estimator": "rloo", **_NO_GROUPS},
+    "reinforce_pp": {"_about": "REINFORCE++, no critic", "estimator": "reinforce_pp", **_NO_GROUPS},
+    "custom": {"_about": "no preset: set the group keys and the estimator yourself"},
+}
+
+ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+# Estimators that compare a prompt's samples with each other, so they need several samples of each prompt.
+PER_PROMPT_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+# What an unset (None) estimator-dependent key means, per estimator.
+ESTIMATOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gae": {"num_generations": 1, "kl_in": "reward", "loss_aggregation": "seq_mean_token_mean",
+            "scale_rewards": "none", "normalize_reward": True},
+    "grpo": {"num_generations": 8, "kl_in": "loss", "loss_aggregation": "seq_mean_token_mean",
+             "scale_rewards": "group", "normalize_reward": False},
+    "dr_grpo": {"num_generations": 8, "kl_in": "loss", "loss_aggregation": "seq_mean_token_sum_norm",
+                "scale_rewards": "none", "normalize_reward": False},
+    "rloo": {"num_generations": 8, "kl_in": "reward", "loss_aggregation": "seq_mean_token_mean",
+             "scale_rewards": "none", "normalize_reward": False},
+    "reinforce_pp": {"num_generations": 1, "kl_in": "reward", "loss_aggregation": "seq_mean_token_mean",
+                     "scale_rewards": "none", "normalize_reward": False},
 }
 
 
@@ -157,9 +178,16 @@ class PPOConfig(RunConfig):
 
     policy: str = option("runs/demo/sft/final", "Policy to train: a hub id or a local path.")
     reference: str | None = option(None, "Frozen reference policy (default: a copy of `policy`).")
-    reward_model: str = option("runs/demo/rm/final", "Reward model (AutoModelForSequenceClassification, 1 label).")
-    critic: str | None = option(None, "Critic backbone (default: the reward model, as in TRL); a value head "
-                                "and a group head are added on top.")
+    reward_model: str = option("runs/demo/rm/final", "Reward model (AutoModelForSequenceClassification, 1 label), "
+                               "read when reward=model.")
+    reward: str = option("model", "What scores a response: model (the reward model), gold (the task's own gold "
+                         "reward: a verifiable reward, no reward model loaded) or python:MODULE:FUNCTION (a function "
+                         "f(prompts, responses, records) -> list of floats; MODULE a dotted name or a .py file; "
+                         "several comma-separated, summed with reward_weights).")
+    reward_weights: list[float] | None = option(None, "Weights of the reward functions, one each (default: 1 each).")
+    critic: str | None = option(None, "Critic backbone (default: the reward model, as in TRL; the policy when "
+                                "there is no reward model); a value head and a group head are added on top. "
+                                "Only the gae estimator has a critic.")
     shared_critic: bool = option(False, "Value and group heads on the policy's own decoder instead of a critic "
                                  "model: one forward and backward serve both, and no second model is held. The "
                                  "value loss (times vf_coef) then trains the policy's weights too; the group head "
@@ -186,19 +214,22 @@ class PPOConfig(RunConfig):
     top_p: float = option(1.0, "Nucleus sampling mass.", min=0, max=1, min_exclusive=True)
     stop_on_eos: bool = option(True, "End a response at the EOS token.")
     generation_backend: str = option(
-        "hf", "Sampling loop: fast (gipo's own: one cached forward per token, the same draws as HF generate up to "
+        "fast", "Sampling loop: fast (gipo's own: one cached forward per token, the same draws as HF generate up to "
         "float rounding; HF generate where the model has no KV cache) or hf (transformers' generate).",
         choices=("fast", "hf"))
     reuse_generation_logprobs: bool = option(
-        False, "Take the old policy's log-probabilities from sampling (the fast backend records them, equal to a "
+        True, "Take the old policy's log-probabilities from sampling (the fast backend records them, equal to a "
         "forward's within float rounding) instead of one more policy forward; with shared_critic, the values and "
         "group logits too, from the hidden states recorded while sampling. Used only with the fast backend "
         "and a policy without active dropout, in fp32 (with bf16 autocast or dropout the forward runs).")
-    fused_optimizer: bool = option(False, "AdamW with torch's fused kernel (CPU and CUDA): fewer, larger ops per "
-                                   "step; the same update up to float rounding.")
+    fused_optimizer: bool = option(True, "AdamW with torch's fused kernel: fewer, larger ops per step; the same "
+                                   "update up to float rounding. Where the kernel does not apply (parameters off the "
+                                   "CPU and CUDA, or not plain floating-point tensors) the plain AdamW runs.")
     missing_eos_penalty: float | None = option(None, "Subtracted from the score of a response without EOS.", min=0)
     # Reward
-    normalize_reward: bool = option(True, "Whiten reward-model scores with running mean and std.")
+    normalize_reward: bool | None = option(None, "Whiten scores with their running mean and std (default: true for "
+                                           "gae, false for the critic-free estimators, which normalize per prompt or "
+                                           "batch themselves).")
     reward_clip: float = option(5.0, "Clip (normalized) scores to [-c, c] (0 = off).", min=0)
     # KL
     kl_coef: float = option(0.05, "Per-token KL coefficient (the initial one when adaptive).", min=0)
@@ -208,13 +239,39 @@ class PPOConfig(RunConfig):
     target_kl: float = option(3.0, "Target KL per response for the adaptive controller.", min=0,
                               min_exclusive=True)
     kl_horizon: int = option(10000, "Horizon of the adaptive KL controller, in samples.", min=1)
+    # Advantage estimator (docs/method.md, "Critic-free RL")
+    estimator: str = option("gae", "Advantages: gae (PPO with a critic), grpo (reward minus the mean of the prompt's "
+                            "samples, over their std), dr_grpo (GRPO without the std, a constant loss normalizer), "
+                            "rloo (leave-one-out baseline), reinforce_pp (REINFORCE++: batch-whitened return, KL in "
+                            "the reward). Only gae builds a critic.", choices=ESTIMATORS)
+    num_generations: int | None = option(None, "Samples per prompt (default: 8 for grpo, dr_grpo and rloo, else 1); "
+                                         "batch_size counts samples and must be a multiple of it.", min=1)
+    scale_rewards: str | None = option(None, "GRPO's advantage scale: group (the std of the prompt's samples, the "
+                                       "default for grpo), batch (the std of the batch) or none (dr_grpo).",
+                                       choices=("group", "batch", "none"))
+    kl_in: str | None = option(None, "Where the KL to the reference goes: reward (a per-token penalty in the reward; "
+                               "default for gae, rloo, reinforce_pp) or loss (k3 per token times kl_coef added to the "
+                               "policy loss, as GRPO; default for grpo, dr_grpo). kl_coef=0 loads no reference.",
+                               choices=("reward", "loss"))
+    loss_aggregation: str | None = option(None, "Policy loss over tokens: token_mean (every token of the batch "
+                                          "alike), seq_mean_token_mean (each response's token mean, then the mean "
+                                          "over responses; the default) or seq_mean_token_sum_norm (token sums over "
+                                          "max_new_tokens; the dr_grpo default).",
+                                          choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
+    clip_range_high: float | None = option(None, "Upper ratio clip (DAPO's clip-higher, e.g. 0.28; default: "
+                                           "clip_range).", min=0, min_exclusive=True)
+    filter_zero_std: bool = option(False, "Drop from the loss the prompts whose samples all got the same reward "
+                                   "(DAPO's dynamic sampling, without refilling); logged as "
+                                   "objective/frac_reward_zero_std either way.")
+    mask_truncated: bool = option(False, "Responses that end without EOS (cut at max_new_tokens) get no loss.")
     # PPO
     gamma: float = option(1.0, "Discount.", min=0, max=1)
     lam: float = option(0.95, "GAE lambda.", min=0, max=1)
     clip_range: float = option(0.2, "Policy ratio clip.", min=0, min_exclusive=True)
     clip_range_value: float = option(0.2, "Value clip around the old values.", min=0, min_exclusive=True)
     vf_coef: float = option(0.5, "Weight of the value loss.", min=0)
-    whiten_advantages: bool = option(True, "Whiten advantages over the batch.")
+    whiten_advantages: bool = option(True, "Whiten GAE advantages over the batch (gae only; the other estimators "
+                                     "normalize as their papers do).")
     entropy_coef: float = option(0.0, "Entropy bonus (0 logs entropy without training on it).", min=0)
     eval_every: int = option(10, "Evaluate on held-out prompts every N iterations (0 = off); curves in "
                              "metrics.jsonl as eval/gold/GROUP.", min=0)
@@ -273,6 +330,17 @@ class PPOConfig(RunConfig):
             if getattr(self, key) != defaults[key]:
                 raise ConfigError(_preset_conflict(self.method, key, value, getattr(self, key)))
             setattr(self, key, value)
+        for key, value in ESTIMATOR_DEFAULTS.get(self.estimator, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.estimator == "gae"
+
+    @property
+    def prompts_per_batch(self) -> int:
+        return self.batch_size // self.num_generations
 
     @staticmethod
     def check_given(given: dict[str, Any]) -> None:
@@ -283,6 +351,7 @@ class PPOConfig(RunConfig):
                 raise ConfigError(_preset_conflict(method, key, value, given[key]))
 
     def validate(self) -> None:
+        self._validate_estimator()
         if self.fsdp and (self.lora_r or self.shared_critic):
             raise ConfigError("PPOConfig: fsdp shards fully trained models; with lora_r or shared_critic use DDP (fsdp: "
                               "false): LoRA's trained weights are small, and a shared critic runs in one process.")
@@ -300,6 +369,32 @@ class PPOConfig(RunConfig):
                               f"{self.num_groups} groups (at most 1/num_groups).")
         if self.group_kl and self.groups == "none":
             raise ConfigError("PPOConfig: group_kl needs groups: set groups to inferred or oracle.")
+
+    def _validate_estimator(self) -> None:
+        from gipo.reward_functions import reward_specs
+
+        reward_specs(self.reward)
+        if self.reward_weights is not None and not self.reward.startswith("python:"):
+            raise ConfigError(f"PPOConfig: reward_weights weight reward functions; reward={self.reward!r} has none "
+                              "(give reward=python:MODULE:FUNCTION,...).")
+        g = self.num_generations
+        if self.estimator in PER_PROMPT_ESTIMATORS and g < 2:
+            raise ConfigError(f"PPOConfig: estimator={self.estimator} compares a prompt's samples with each other and "
+                              f"needs num_generations > 1 (got {g}).")
+        if self.batch_size % g:
+            raise ConfigError(f"PPOConfig: batch_size ({self.batch_size}) counts samples and must be a multiple of "
+                              f"num_generations ({g}).")
+        if self.filter_zero_std and g < 2:
+            raise ConfigError("PPOConfig: filter_zero_std compares a prompt's samples; it needs num_generations > 1.")
+        if self.estimator == "dr_grpo" and self.scale_rewards != "none":
+            raise ConfigError(f"PPOConfig: dr_grpo divides by no std (scale_rewards=none); scale_rewards="
+                              f"{self.scale_rewards} is grpo's (estimator=grpo).")
+        if not self.uses_critic:
+            needs = [name for name, on in (("groups=inferred", self.groups == "inferred"),
+                                           ("shared_critic", self.shared_critic), ("critic", self.critic)) if on]
+            if needs:
+                raise ConfigError(f"PPOConfig: {', '.join(needs)} need a critic, which only estimator=gae has "
+                                  f"(estimator={self.estimator}); with a critic-free estimator use groups=oracle or none.")
 
 
 @dataclass
@@ -346,6 +441,13 @@ def _coerce(cls_name: str, key: str, value: Any, tp: Any) -> Any:
                 errors.append(str(err))
         raise ConfigError(f"{cls_name}: key '{key}' expects {' or '.join(_type_name(a) for a in args)}, "
                           f"got {value!r}.")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # --set reward_weights=1,0.5
+            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{cls_name}: key '{key}' expects a list of {_type_name(item)}, got {value!r}.")
+        return [_coerce(cls_name, key, v, item) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -113,6 +113,9 @@ def _read_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
     return [{**row, "_row": i} for i, row in enumerate(dataset, 1)]
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
 def _field(row: dict[str, Any], name: str, source: str, kinds: tuple[type, ...] = (str,),
            allow_empty: bool = False) -> Any:
     where = f"{source}, row {row.get('_row', '?')}"
@@ -129,6 +132,9 @@ def _field(row: dict[str, Any], name: str, source: str, kinds: tuple[type, ...] 
             if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)
                     and isinstance(turn.get("content"), str)):
                 raise DataError(f"{where}: field '{name}' must be a list of {{'role', 'content'}} messages.")
+            if turn["role"] not in CHAT_ROLES:
+                raise DataError(f"{where}: field '{name}' has a message with role {turn['role']!r}; allowed roles: "
+                                f"{', '.join(CHAT_ROLES)}.")
     return value
 
 

@@ -187,7 +187,9 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
     policy_path = config.policy or str(run_dir / "final")
     start = {"ppo": run_config.get("reference") or run_config.get("policy"), "dpo": run_config.get("model")}
     reference_path = config.reference or start.get(stage) or policy_path
-    reward_path = config.reward_model or run_config.get("reward_model")
+    # A run trained on reward functions (reward: gold or python) has no reward model to score with.
+    trained_on_model = run_config.get("reward", "model") == "model"
+    reward_path = config.reward_model or (run_config.get("reward_model") if trained_on_model else None)
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(policy_path)
     policy = load_causal_lm(policy_path).to(device)

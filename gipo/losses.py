@@ -104,16 +104,20 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
 
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token clipped surrogate loss max(-A r, -A clip(r)), with r = pi / pi_old.
+                        clip_range: float, clip_range_high: float | None = None
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token clipped surrogate loss max(-A r, -A clip(r, 1 - eps, 1 + eps_high)), with r = pi / pi_old.
 
+    ``clip_range_high`` (DAPO's clip-higher, Yu et al., 2025) lets the ratio of a token with a positive
+    advantage rise further than ``clip_range`` lets it fall; None clips symmetrically.
     Returns the (B, T) loss and per-token stats (clipped indicator, approximate KL to the old policy)
     for the caller to average under its mask.
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    high = clip_range if clip_range_high is None else clip_range_high
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
     loss = torch.maximum(unclipped, clipped)
     stats = {"clipped": (clipped > unclipped).float(), "approxkl": 0.5 * log_ratio.detach() ** 2,
              "ratio": ratio.detach()}
@@ -137,9 +141,34 @@ def sample_mean(values: torch.Tensor, reduce: Reduce = local_sum) -> torch.Tenso
     return reduce(values.sum()) / reduce(values.new_tensor(float(values.shape[0])))
 
 
-def per_sample_mean(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each sample's response tokens: (B, T) -> (B,)."""
-    return masked_mean(token_values, mask, dim=1)
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregated_sample_losses(token_losses: torch.Tensor, mask: torch.Tensor, aggregation: str, *,
+                             max_tokens: int, keep: torch.Tensor | None = None,
+                             reduce: Reduce = local_sum) -> torch.Tensor:
+    """Per-sample losses (B,) whose plain mean over the batch is the batch loss under ``aggregation``, so that
+    group objectives, which weight per-sample losses, work with every aggregation.
+
+    ``seq_mean_token_mean``: the mean over samples of each sample's token mean (PPO's and GRPO's);
+    ``token_mean``: the mean over every token of the batch (a long response weighs more; DAPO's);
+    ``seq_mean_token_sum_norm``: the sum over tokens divided by ``max_tokens`` per sample (Dr. GRPO's constant
+    normalizer, free of the length bias). ``keep`` (B,) 0/1 drops samples: they add nothing and are not
+    counted (filtered prompts, truncated responses).
+    """
+    count = reduce(mask.new_tensor(float(mask.shape[0])))
+    if keep is not None:
+        mask = mask * keep.unsqueeze(-1)
+        scale = count / reduce(keep.sum()).clamp(min=1)
+    else:
+        scale = 1.0
+    if aggregation == "seq_mean_token_mean":
+        return masked_mean(token_losses, mask, dim=1) * scale
+    if aggregation == "token_mean":
+        return masked_sum(token_losses, mask, dim=1) * count / reduce(mask.sum()).clamp(min=1)
+    if aggregation == "seq_mean_token_sum_norm":
+        return masked_sum(token_losses, mask, dim=1) / max_tokens * scale
+    raise ValueError(f"Unknown loss aggregation {aggregation!r}; allowed: {', '.join(LOSS_AGGREGATIONS)}.")
 
 
 def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor,

@@ -33,10 +33,10 @@ from gipo.tracking import MetricsLogger
 class NonFiniteError(FloatingPointError):
     """NaN or inf in a quantity the run would train on."""
 
-    def __init__(self, quantity: str, step: int):
-        super().__init__(f"Step {step}: {quantity} contains NaN or inf; the run stopped before training on it "
-                         "(the last checkpoint is intact). Lower the learning rate, check the reward model and "
-                         "data, or set on_nonfinite=skip to skip such batches.")
+    def __init__(self, quantity: str, step: int, problem: str | None = None):
+        super().__init__(f"Step {step}: {problem or f'{quantity} contains NaN or inf'}; the run stopped before "
+                         "training on it (the last checkpoint is intact). Lower the learning rate, check the reward "
+                         "and data, or set on_nonfinite=skip to skip such batches.")
         self.quantity, self.step = quantity, step
 
 
@@ -143,10 +143,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def fused_adamw_applies(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters: plain floating-point tensors on the CPU or
+    CUDA (not sharded DTensors, not other devices)."""
+    return bool(params) and all(type(p.data) is torch.Tensor and p.is_floating_point()
+                                and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def make_optimizer(params, lr: float, weight_decay: float, warmup_steps: int, fused: bool = False):
-    """AdamW (``fused``: torch's fused kernel, one op per step instead of several per tensor) with linear warm-up."""
-    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay,
-                                  **({"fused": True} if fused else {}))
+    """AdamW (``fused``: torch's fused kernel, one op per step instead of several per tensor, where it applies)
+    with linear warm-up."""
+    trained = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay,
+                                  **({"fused": True} if fused and fused_adamw_applies(trained) else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
     return optimizer, scheduler

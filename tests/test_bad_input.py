@@ -130,6 +130,14 @@ CASES = [
          lambda t, m: load_sft_examples(
              jsonl(t, "chat.jsonl", {"messages": [USER_HI, {"role": "assistant"}]}), 1, 0),
          "chat.jsonl", "row 1", "field 'messages' must be a list of {'role', 'content'} messages"),
+    case("prompt-message-unknown-role", DataError,
+         lambda t, m: load_prompts(jsonl(t, "chat.jsonl", {"prompt": [USER_HI]},
+                                         {"prompt": [{"role": "robot", "content": "beep"}]}), "all", 10, 0),
+         "chat.jsonl", "row 2", "role 'robot'", "system, user, assistant"),
+    case("sft-messages-unknown-role", DataError,
+         lambda t, m: load_sft_examples(jsonl(t, "chat.jsonl", {"messages": [
+             {"role": "robot", "content": "beep"}, {"role": "assistant", "content": "ok"}]}), 1, 0),
+         "chat.jsonl", "row 1", "field 'messages'", "role 'robot'"),
     case("sft-messages-empty", DataError,
          lambda t, m: load_sft_examples(jsonl(t, "chat.jsonl", {"messages": []}), 1, 0),
          "chat.jsonl", "row 1", "field 'messages' is empty"),

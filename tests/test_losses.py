@@ -13,6 +13,7 @@ import torch
 from torch.testing import assert_close
 
 from gipo.losses import (
+    aggregated_sample_losses,
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
@@ -23,7 +24,6 @@ from gipo.losses import (
     masked_var,
     masked_whiten,
     pairwise_reward_loss,
-    per_sample_mean,
     shape_rewards,
 )
 from tests.conftest import D, t
@@ -304,11 +304,54 @@ def test_clipped_value_loss_cases():
     assert_close(values.grad, t([-0.9, 0.0, 0.5, -1.5, 0.0]))
 
 
-def test_per_sample_mean():
-    values = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
-    mask = t([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
+AGG_VALUES = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+AGG_MASK = t([[1, 1, 0], [1, 1, 1], [0, 0, 0]])  # the last row is padding only
+
+
+def test_seq_mean_token_mean_is_each_samples_token_mean():
     # (1 + 2) / 2 = 1.5; (4 + 5 + 6) / 3 = 5; an empty row gives 0, not nan.
-    assert_close(per_sample_mean(values, mask), t([1.5, 5.0, 0.0]))
+    losses = aggregated_sample_losses(AGG_VALUES, AGG_MASK, "seq_mean_token_mean", max_tokens=3)
+    assert_close(losses, t([1.5, 5.0, 0.0]))
+
+
+def test_token_mean_weighs_every_token_alike():
+    # 5 tokens: (1 + 2 + 4 + 5 + 6) / 5 = 3.6; per sample: token sum * 3 samples / 5 tokens -> 1.8, 9, 0.
+    losses = aggregated_sample_losses(AGG_VALUES, AGG_MASK, "token_mean", max_tokens=3)
+    assert_close(losses, t([1.8, 9.0, 0.0]))
+    assert_close(losses.mean(), t(3.6))
+
+
+def test_seq_mean_token_sum_norm_divides_by_the_constant_length():
+    # Dr. GRPO: token sums 3 and 15 over max_tokens=4 -> 0.75, 3.75; the batch loss is 18 / (3 * 4) = 1.5.
+    losses = aggregated_sample_losses(AGG_VALUES, AGG_MASK, "seq_mean_token_sum_norm", max_tokens=4)
+    assert_close(losses, t([0.75, 3.75, 0.0]))
+    assert_close(losses.mean(), t(1.5))
+
+
+def test_dropped_samples_add_nothing_and_are_not_counted():
+    keep = t([1.0, 0.0, 1.0])
+    # Kept: samples 0 and 2 (the empty one); the mean over the 2 kept is (1.5 + 0) / 2 = 0.75.
+    losses = aggregated_sample_losses(AGG_VALUES, AGG_MASK, "seq_mean_token_mean", max_tokens=3, keep=keep)
+    assert_close(losses.mean(), t(0.75))
+    assert losses[1].item() == 0.0
+    # token_mean over the kept tokens only: (1 + 2) / 2 = 1.5.
+    losses = aggregated_sample_losses(AGG_VALUES, AGG_MASK, "token_mean", max_tokens=3, keep=keep)
+    assert_close(losses.mean(), t(1.5))
+    with pytest.raises(ValueError, match="allowed: token_mean"):
+        aggregated_sample_losses(AGG_VALUES, AGG_MASK, "sum", max_tokens=3)
+
+
+def test_clip_higher_lets_a_positive_advantage_ratio_rise_further():
+    logprobs = torch.log(t([1.25, 1.25, 0.7]))
+    old = t([0.0, 0.0, 0.0])
+    advantages = t([1.0, 1.0, -1.0])
+    # Symmetric 0.2: ratio 1.25 is clipped to 1.2 -> loss -1.2. With clip_range_high 0.28 it is not: -1.25.
+    # Ratio 0.7 with A < 0: max(0.7, 0.8) = 0.8 either way (the low side keeps clip_range).
+    symmetric, _ = clipped_policy_loss(logprobs.view(1, -1), old.view(1, -1), advantages.view(1, -1), 0.2)
+    higher, stats = clipped_policy_loss(logprobs.view(1, -1), old.view(1, -1), advantages.view(1, -1), 0.2, 0.28)
+    assert_close(symmetric, t([[-1.2, -1.2, 0.8]]))
+    assert_close(higher, t([[-1.25, -1.25, 0.8]]))
+    assert stats["clipped"].tolist() == [[0.0, 0.0, 1.0]]
 
 
 def test_pairwise_reward_loss():
