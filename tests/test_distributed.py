@@ -44,15 +44,20 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _run(command: list[str], processes: int, mode: tuple[str, ...] = ("--multi_gpu",)) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENTRIES = {"gipo": ("-m", "gipo"), "ranked": (str(Path(__file__).with_name("ranked_sampling.py")),)}
+
+
+def _run(command: list[str], processes: int, mode: tuple[str, ...] = ("--multi_gpu",),
+         entry: tuple[str, ...] = ENTRIES["gipo"]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     if processes > 1:
         accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
         launch = [accelerate, "launch", *mode, "--num_processes", str(processes), "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-                  "-m", "gipo"]
+                  *entry]
     else:
-        launch = [sys.executable, "-m", "gipo"]
+        launch = [sys.executable, *entry]
     result = subprocess.run(launch + command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -78,16 +83,26 @@ def _assert_same_weights(one: Path, two: Path) -> None:
         torch.testing.assert_close(tensor, second[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+# GRPO and RLOO on the gold reward, with a sampler that gives each of a prompt's 4 samples its own response
+# (tests/ranked_sampling.py): greedy samples of a prompt would be alike, and their advantages cancel.
+RANKED = {"reward": "gold", "num_generations": 4, "reuse_generation_logprobs": False, "_entry": "ranked"}
+
+
 @pytest.mark.parametrize(("method", "extra"), [("ppo", {}), ("gipo", {}), ("oracle_dro", {}),
                                                ("gipo", {"lora_r": 4, "gradient_checkpointing": True}),
-                                               ("ppo", {"fsdp": True}), ("gipo", {"fsdp": True})])
+                                               ("ppo", {"fsdp": True}), ("gipo", {"fsdp": True}),
+                                               ("grpo", RANKED), ("rloo", RANKED)])
 def test_two_processes_match_one_process_with_the_global_batch(tiny_pipeline, tmp_path, method, extra):
+    extra = dict(extra)
+    entry = ENTRIES[extra.pop("_entry", "gipo")]
     settings = _settings(tiny_pipeline, method, **extra)
-    _run(["train", "--out", str(tmp_path / "one"), "--set=max_steps=4", *settings], processes=1)
-    _run(["train", "--out", str(tmp_path / "two"), "--set=max_steps=4", *settings], processes=2)
+    _run(["train", "--out", str(tmp_path / "one"), "--set=max_steps=4", *settings], processes=1, entry=entry)
+    _run(["train", "--out", str(tmp_path / "two"), "--set=max_steps=4", *settings], processes=2, entry=entry)
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert len(one) == 4 and "loss/policy_avg" in one[-1]
-    assert any(k.startswith("groups/return/") for k in one[-1]) == (method != "ppo")
+    assert any(k.startswith("groups/return/") for k in one[-1]) == (method in ("gipo", "oracle_dro"))
+    if method in ("grpo", "rloo"):  # every prompt's samples got different rewards, so there is a gradient
+        assert one[-1]["objective/frac_reward_zero_std"] == 0.0 and one[-1]["policy/grad_norm"] > 1e-3
     _assert_same_metrics(one, two)
     _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")
     # Only the main process wrote: one metrics file with each step once, one set of checkpoints.

@@ -53,9 +53,12 @@ def test_every_method_trains_and_logs(tiny_pipeline, tmp_path, method):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True))
     rows = _metrics(tmp_path / method)
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("objective/kl", "objective/scores", "objective/entropy", "policy/approxkl_avg",
-                "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "domain/gold/copy"):
+    for key in ("objective/scores", "objective/entropy", "policy/approxkl_avg", "policy/clipfrac_avg",
+                "loss/policy_avg", "domain/gold/copy"):
         assert key in rows[-1], key
+    assert ("objective/kl" in rows[-1]) == (config.kl_coef > 0)  # kl_coef=0 holds no reference to measure it
+    assert ("loss/value_avg" in rows[-1]) == config.uses_critic
+    assert ("objective/frac_reward_zero_std" in rows[-1]) == (config.num_generations > 1)
     if config.groups != "none":
         m = trainer.num_groups
         for key in ["groups/r_var", "groups/nmi"] + [f"groups/{k}/{g}" for k in ("mass", "return", "kl", "kl_coef")
@@ -66,7 +69,7 @@ def test_every_method_trains_and_logs(tiny_pipeline, tmp_path, method):
         assert rows[-1]["objective/kl_coef"] == 0.0
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / method / "final")
     assert torch.equal(next(loaded.parameters()), next(trainer.policy.parameters()).detach())
-    assert (tmp_path / method / "final" / "critic" / "critic_heads.safetensors").exists()
+    assert (tmp_path / method / "final" / "critic" / "critic_heads.safetensors").exists() == config.uses_critic
 
 
 def test_eval_json_shape(tiny_pipeline, tmp_path):

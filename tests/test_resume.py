@@ -28,16 +28,25 @@ def _ppo(tiny_pipeline, run_dir, max_steps, method="gipo", **extra):
     return PPOTrainer(config, output_dir=run_dir, prompts_per_group=8)
 
 
-@pytest.mark.parametrize(("method", "extra"), [("ppo", {}), ("gipo_gain", {}), ("gipo", {"lora_r": 4}),
-                                               ("gipo", {"shared_critic": True})])
+CRITIC_FREE = {"reward": "gold", "num_generations": 4, "adaptive_kl": False}
+
+
+@pytest.mark.parametrize(("method", "extra"), [
+    ("ppo", {}), ("gipo_gain", {}), ("gipo", {"lora_r": 4}), ("gipo", {"shared_critic": True}),
+    ("grpo", {**CRITIC_FREE, "filter_zero_std": True}), ("rloo", CRITIC_FREE),
+    ("custom", {**CRITIC_FREE, "estimator": "grpo", "groups": "oracle", "group_objective": "dro",
+                "dro_step_size": 0.1, "group_kl": True})])
 def test_ppo_resume_equals_uninterrupted(tiny_pipeline, tmp_path, method, extra):
     straight = _ppo(tiny_pipeline, tmp_path / "straight", 4, method, **extra).train()
     _ppo(tiny_pipeline, tmp_path / "split", 2, method, **extra).train()
     resumed = _ppo(tiny_pipeline, tmp_path / "split", 4, method, **extra).train(resume=True)
     for a, b in zip(straight.policy.parameters(), resumed.policy.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(straight.critic.parameters(), resumed.critic.parameters(), strict=True):
+    assert (straight.critic is None) == (resumed.critic is None) == (method not in ("ppo", "gipo", "gipo_gain"))
+    for a, b in zip(straight.critic.parameters() if straight.critic else [],
+                    resumed.critic.parameters() if resumed.critic else [], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(straight.dro_weights, resumed.dro_weights)
     assert straight.kl_ctl.value == pytest.approx(resumed.kl_ctl.value)
     rows_straight, rows_resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "split")
     assert [r["step"] for r in rows_resumed] == [1, 2, 3, 4]
