@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gipo.checkpoint import CheckpointError
 from gipo.config import (
+    DPO_METHODS,
     METHOD_PRESETS,
     ConfigError,
     DPOConfig,
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "or to one with a prefix (ppo.KEY).")
     compare.add_argument("config", nargs="?", help="YAML with optional sections sft, rm, ppo, dpo.")
     compare.add_argument("--methods", default="ppo,gipo", help="Comma-separated: "
-                         + ", ".join(m for m in METHOD_PRESETS if m != "custom") + ", dpo (default: ppo,gipo).")
+                         + ", ".join([m for m in METHOD_PRESETS if m != "custom"] + list(DPO_METHODS))
+                         + " (default: ppo,gipo).")
     compare.add_argument("--seeds", type=int, default=None, help="Seeds per method (default 3; 2 with --quick).")
     compare.add_argument("--sweep", metavar="KEY=V1,V2,...", help="Run each PPO-family method once per value.")
     compare.add_argument("--quick", action="store_true", help="A small budget that finishes in minutes.")
@@ -154,7 +156,7 @@ def run_compare_command(args: argparse.Namespace) -> None:
     for name, cls in stages.items():  # validate now, not after an hour of training
         build_config(cls, {k: v for k, v in overrides[name].items() if k != "method"}, source=f"compare {name}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    allowed = [m for m in METHOD_PRESETS if m != "custom"] + ["dpo"]
+    allowed = [m for m in METHOD_PRESETS if m != "custom"] + list(DPO_METHODS)
     bad = [m for m in methods if m not in allowed]
     if bad or not methods:
         raise ConfigError(f"--methods: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(allowed)}.")

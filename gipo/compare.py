@@ -16,7 +16,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gipo.config import DPOConfig, EvalConfig, PPOConfig, RewardConfig, SFTConfig, build_config
+from gipo.config import (
+    DPO_METHODS,
+    ConfigError,
+    DPOConfig,
+    EvalConfig,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    build_config,
+)
 from gipo.evaluation import evaluate_run
 from gipo.tracking import read_metrics
 
@@ -53,7 +62,7 @@ def plan_runs(methods: list[str], sweep: tuple[str, list[Any]] | None) -> list[R
     key, values = sweep
     runs = []
     for method in methods:
-        if method == "dpo":
+        if method in DPO_METHODS:  # a sweep varies a PPO key: the DPO methods run once
             runs.append(Run(method, method, {}))
             continue
         runs.extend(Run(f"{method}@{key}={v}", method, {key: v}) for v in values)
@@ -180,6 +189,10 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
 
     out = Path(out)
     sft_o, rm_o, ppo_o, dpo_o = (dict(overrides.get(k, {})) for k in ("sft", "rm", "ppo", "dpo"))
+    if "group_objective" in dpo_o:  # the method decides it; a given value would silently turn dpo into gr_dpo
+        own = ", ".join(f"{method}: {objective}" for method, objective in DPO_METHODS.items())
+        raise ConfigError(f"compare: each DPO method sets its own group_objective ({own}); choose with --methods, "
+                          "not dpo.group_objective.")
     ppo_o.setdefault("eval_every", 10)
     dpo_o.setdefault("eval_every", 50)
     if quick:
@@ -201,8 +214,9 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
         for run in runs:
             run_dir = seed_dir / run.name
             if not (run_dir / "eval.json").exists():
-                if run.method == "dpo":
-                    config = build_config(DPOConfig, {**dpo_o, "seed": seed, "model": str(sft_dir / "final"),
+                if run.method in DPO_METHODS:
+                    config = build_config(DPOConfig, {**dpo_o, "group_objective": DPO_METHODS[run.method], "seed": seed,
+                                                      "model": str(sft_dir / "final"),
                                                       "dataset": str(rm_dir / "pairs.jsonl"),
                                                       "eval_dataset": rm_cfg.dataset})
                     _train(DPOTrainer, config, run_dir, f"seed {seed}: {run.name}", log)

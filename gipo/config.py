@@ -104,7 +104,8 @@ class RewardConfig(RunConfig):
 
 @dataclass
 class DPOConfig(RunConfig):
-    """Direct Preference Optimization (Rafailov et al., 2023) on the same preference pairs, as a baseline."""
+    """Direct Preference Optimization (Rafailov et al., 2023) on the same preference pairs, as a baseline;
+    group-robust (GR-DPO) with ``group_objective: dro``."""
 
     model: str = option("runs/demo/sft/final", "Policy to start from (and the frozen reference).")
     dataset: str = option("builtin", "Preference pairs: a file or dataset id with prompt/chosen/rejected "
@@ -127,6 +128,17 @@ class DPOConfig(RunConfig):
     eval_prompts: int = option(64, "Held-out prompts per group for evaluation.", min=1)
     eval_dataset: str | None = option(None, "Prompts to evaluate on (default: `dataset`; set it when `dataset` "
                                       "is a pairs file, e.g. builtin).")
+    # GR-DPO (docs/method.md)
+    group_objective: str = option("none", "Objective across the pairs' groups: none (DPO, the mean over pairs) or "
+                                  "dro (GR-DPO, Ramesh et al. 2024: sum_g alpha_g L_g, group weights alpha raised "
+                                  "toward the groups with the larger loss; needs each pair's `group`).",
+                                  choices=("none", "dro"))
+    group_step_size: float = option(0.01, "GR-DPO: eta, the step of the group weights alpha_g <- alpha_g "
+                                    "exp(eta L_g), normalized, once per step (0 keeps them uniform).", min=0)
+
+
+DPO_METHODS: dict[str, str] = {"dpo": "none", "gr_dpo": "dro"}
+"""`gipo compare` methods trained by DPOTrainer on the reward model's pairs: method -> its ``group_objective``."""
 
 
 _NO_GROUPS = {"groups": "none", "group_objective": "none", "group_kl": False}

@@ -1,5 +1,6 @@
 """Group Invariant Learning as pure functions: soft group returns, R_var, the invariant policy loss,
-per-sample KL coefficients, and agreement with true labels.
+per-sample KL coefficients, and agreement with true labels; and group DRO's weights, as PPO's ``dro``
+objective and GR-DPO use them.
 
 A *group* here is a set of prompts/trajectories (a domain, inferred or labelled), not GRPO's set of
 samples drawn for one prompt. ``probs`` (B, M) is the soft assignment p(g | x, y), rows summing to 1.
@@ -82,14 +83,43 @@ def group_objective_loss(sample_losses: torch.Tensor, probs: torch.Tensor, objec
     if objective == "dro":
         if dro_weights is None:
             return group_losses.max(), group_losses
-        return (dro_weights * group_losses).sum(), group_losses
+        return group_robust_loss(group_losses, dro_weights), group_losses
     raise ValueError(f"Unknown group objective {objective!r}; allowed: none, variance, macro_mean, dro.")
 
 
 def update_dro_weights(weights: torch.Tensor, group_losses: torch.Tensor, step_size: float) -> torch.Tensor:
-    """Exponentiated-gradient step of group DRO (Sagawa et al., 2020): q_g <- q_g exp(eta L_g), normalized."""
+    """Exponentiated-gradient step of group DRO (Sagawa et al., 2020): q_g <- q_g exp(eta L_g), normalized.
+
+    Also GR-DPO's step of alpha, on :func:`importance_weighted_group_losses` (where a group with no pair in
+    the batch has L_g = 0, so its weight gets no factor of its own, only the renormalization).
+    """
     new = weights * torch.exp(step_size * group_losses.detach())
     return new / new.sum()
+
+
+def importance_weighted_group_losses(sample_losses: torch.Tensor, probs: torch.Tensor, group_shares: torch.Tensor,
+                                     batch_size: int, reduce: Reduce = local_sum) -> torch.Tensor:
+    """GR-DPO's per-group losses (Ramesh et al., 2024) from a batch drawn from the whole training set: (M,).
+
+        L_g = (N / N_g) * (1 / B) * sum_{i in batch, i in g} l_i
+
+    with N training pairs, N_g of them in group g (``group_shares`` = N_g / N) and B = ``batch_size``.
+    Where the N / N_g goes: the paper's Algorithm 1 draws a group with probability N_g / N and weighs
+    that pair's loss by N / N_g, in both the alpha step and the policy step; the authors' code
+    (``divide_by_totalcount``) takes N * sum_{i in g} l_i / N_g over a batch. We divide that by B: the
+    mean over the batch of Algorithm 1's per-pair terms. So L_g estimates group g's mean loss without bias
+    (a group's share of the batch, B_g / B, is N_g / N on average), its scale does not grow with the
+    batch, and a batch split into micro-batches (each passing the whole batch's B) gives parts that add
+    up to the batch's L_g. It is *not* the group's mean loss in this batch scaled by N / N_g: that would
+    count a small group N / N_g times over. A group absent from the batch gets L_g = 0.
+    ``probs`` (B, M) is one-hot for labelled pairs; ``reduce`` sums over processes' shares of the batch.
+    """
+    return reduce(probs.transpose(0, 1) @ sample_losses) / (group_shares * batch_size)
+
+
+def group_robust_loss(group_losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_g alpha_g L_g: GR-DPO's policy objective, the groups weighed by ``weights`` (held fixed)."""
+    return (weights.detach() * group_losses).sum()
 
 
 def rank_weights(group_returns: torch.Tensor) -> torch.Tensor:

@@ -180,11 +180,19 @@ def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor,
     return loss
 
 
-def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
-             ref_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPO: -log sigmoid(beta * ((log pi_c - log ref_c) - (log pi_r - log ref_r))), on sequence log-probs (B,).
+def dpo_pair_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+                    ref_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO per pair: -log sigmoid(beta * ((log pi_c - log ref_c) - (log pi_r - log ref_r))), on sequence
+    log-probs (B,).
 
-    Returns the mean loss and the per-pair implicit reward margin.
+    Returns the per-pair losses (B,) and the per-pair implicit reward margin (detached).
     """
     margin = beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps))
-    return -F.logsigmoid(margin).mean(), margin.detach()
+    return -F.logsigmoid(margin), margin.detach()
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al., 2023): the mean of :func:`dpo_pair_losses` over the batch, and the per-pair margin."""
+    losses, margin = dpo_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    return losses.mean(), margin

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from gipo.cli import main
 from gipo.compare import (
     max_gold_drop,
     mean_ci,
@@ -16,6 +17,7 @@ from gipo.compare import (
     run_compare,
     win_rates,
 )
+from gipo.config import ConfigError, read_yaml
 from gipo.ppo import PPOTrainer
 from gipo.report import write_compare_report
 
@@ -55,6 +57,13 @@ def test_plan_runs_with_a_sweep_keeps_dpo_once():
     runs = plan_runs(["gipo", "dpo"], ("beta_policy", [0, 0.3]))
     assert [r.name for r in runs] == ["gipo@beta_policy=0", "gipo@beta_policy=0.3", "dpo"]
     assert runs[1].overrides == {"beta_policy": 0.3}
+
+
+def test_plan_runs_treats_gr_dpo_like_dpo():
+    runs = plan_runs(["gipo", "gr_dpo", "dpo"], ("beta_policy", [0, 0.3]))
+    assert [r.name for r in runs] == ["gipo@beta_policy=0", "gipo@beta_policy=0.3", "gr_dpo", "dpo"]
+    assert [(r.method, r.overrides) for r in runs[2:]] == [("gr_dpo", {}), ("dpo", {})]
+    assert [(r.name, r.method) for r in plan_runs(["gr_dpo", "ppo"], None)] == [("gr_dpo", "gr_dpo"), ("ppo", "ppo")]
 
 
 def test_report_from_fake_run_directories(tmp_path):
@@ -146,3 +155,18 @@ def test_win_rates_without_gold_take_the_judge_over_the_runs_own_reward_model():
     assert win_rates(["a", "b"], rows)["a_vs_b"] == {"win": 0.0, "tie": 0.5, "lose": 0.5, "judge": "judge"}
     unjudged = {name: [[{**r, "judge": None} for r in seed] for seed in runs] for name, runs in rows.items()}
     assert win_rates(["a", "b"], unjudged)["a_vs_b"] == {"win": 1.0, "tie": 0.0, "lose": 0.0, "judge": "reward"}
+
+
+def test_compare_trains_gr_dpo_like_dpo_on_the_reward_models_pairs(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="each DPO method sets its own group_objective"):
+        run_compare(tmp_path, ["gr_dpo"], 1, {**TINY, "dpo": {**TINY["dpo"], "group_objective": "dro"}})
+    assert main(["compare", "--methods", "ppo,nope", "--out", str(tmp_path / "x")]) == 2
+    assert "dpo, gr_dpo" in capsys.readouterr().err  # among the allowed methods
+    summary = run_compare(tmp_path, ["dpo", "gr_dpo"], 1, TINY, log=lambda _: None)
+    assert set(summary["methods"]) == {"dpo", "gr_dpo"}
+    objectives = {name: read_yaml(tmp_path / "seed-0" / name / "config.yaml") for name in ("dpo", "gr_dpo")}
+    assert objectives["dpo"]["group_objective"] == "none" and objectives["gr_dpo"]["group_objective"] == "dro"
+    assert objectives["dpo"]["dataset"] == objectives["gr_dpo"]["dataset"] == str(tmp_path / "seed-0" / "rm" /
+                                                                                 "pairs.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "seed-0" / "gr_dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert any(key.startswith("groups/alpha/") for key in rows[-1])

@@ -18,7 +18,9 @@ from gipo.groups import (
     adaptive_kl_coefficients,
     group_masses,
     group_objective_loss,
+    group_robust_loss,
     group_variance,
+    importance_weighted_group_losses,
     invariance_violation,
     min_mass_penalty,
     normalized_mutual_information,
@@ -187,6 +189,71 @@ def test_update_dro_weights():
     # no gradient flows back into the losses
     losses = t([1.0, 2.0]).requires_grad_()
     assert not update_dro_weights(t([0.5, 0.5]), losses, 1.0).requires_grad
+
+
+# ----------------------------------------------------------------------------- GR-DPO
+
+# Four pairs, groups (0, 1, 1, 0), per-pair DPO losses (1, 2, 3, 4); the training set is 3/4 group 0 and
+# 1/4 group 1 (N_g / N), so group 1 holds half of this batch where it holds a quarter of the data.
+GR_LOSSES, GR_PROBS, GR_SHARES = [1.0, 2.0, 3.0, 4.0], [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]], [0.75, 0.25]
+
+
+def test_importance_weighted_group_losses_by_hand():
+    # L_g = (N / N_g) (1 / B) sum_{i in g} l_i with B = 4:
+    # group 0: (4/3) * (1 + 4) / 4 = 5/3; group 1: 4 * (2 + 3) / 4 = 5. Both groups' batch means are 2.5:
+    # the over-represented group 1 counts twice ((N / N_1) (B_1 / B) = 4 * 1/2), group 0 two thirds.
+    losses = importance_weighted_group_losses(t(GR_LOSSES), t(GR_PROBS), t(GR_SHARES), 4)
+    assert_close(losses, t([5 / 3, 5.0]))
+
+
+def test_importance_weighted_group_losses_of_micro_batches_add_up():
+    # micro-batches (pairs 0, 1) and (2, 3), each passing the whole batch's B = 4:
+    # first: group 0 (4/3) * 1/4 = 1/3, group 1 4 * 2/4 = 2; second: (4/3) * 4/4 = 4/3, 4 * 3/4 = 3.
+    first = importance_weighted_group_losses(t(GR_LOSSES[:2]), t(GR_PROBS[:2]), t(GR_SHARES), 4)
+    second = importance_weighted_group_losses(t(GR_LOSSES[2:]), t(GR_PROBS[2:]), t(GR_SHARES), 4)
+    assert_close(first, t([1 / 3, 2.0]))
+    assert_close(second, t([4 / 3, 3.0]))
+    assert_close(first + second, t([5 / 3, 5.0]))  # the whole batch's
+
+
+def test_group_robust_loss_and_its_gradient_by_hand():
+    losses = t(GR_LOSSES).requires_grad_()
+    group_losses = importance_weighted_group_losses(losses, t(GR_PROBS), t(GR_SHARES), 4)
+    weights = t([0.25, 0.75]).requires_grad_()
+    loss = group_robust_loss(group_losses, weights)
+    # 0.25 * 5/3 + 0.75 * 5 = 5/12 + 45/12 = 25/6
+    assert_close(loss, t(25 / 6))
+    loss.backward()
+    # d/dl_i = alpha_g (N / N_g) / B: group 0 0.25 * (4/3) / 4 = 1/12, group 1 0.75 * 4 / 4 = 3/4
+    assert_close(losses.grad, t([1 / 12, 0.75, 0.75, 1 / 12]))
+    assert weights.grad is None  # the weights are held fixed
+
+
+def test_gr_dpo_weight_update_two_groups_by_hand():
+    # groups (0, 0, 1, 0) in the data's proportions (3/4, 1/4), losses (1, 1, 3, 1):
+    # L_0 = (4/3) * 3/4 = 1, L_1 = 4 * 3/4 = 3. From uniform weights with eta = 0.5:
+    # alpha_1 = e^{1.5} / (e^{0.5} + e^{1.5}) = sigmoid(1) = 0.7310586, alpha_0 = sigmoid(-1) = 0.2689414.
+    probs = t([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    group_losses = importance_weighted_group_losses(t([1.0, 1.0, 3.0, 1.0]), probs, t(GR_SHARES), 4)
+    assert_close(group_losses, t([1.0, 3.0]))
+    weights = update_dro_weights(t([0.5, 0.5]), group_losses, 0.5)
+    assert_close(weights, t([0.2689414, 0.7310586]), rtol=0, atol=1e-7)
+    # eta = 0: the weights stay uniform
+    assert_close(update_dro_weights(t([0.5, 0.5]), group_losses, 0.0), t([0.5, 0.5]))
+
+
+def test_gr_dpo_group_absent_from_the_batch_gets_no_factor():
+    # three groups, shares (1/2, 1/4, 1/4); the batch holds groups (0, 1, 0, 1), group 2 none; losses all 1:
+    # L_0 = 2 * 2/4 = 1, L_1 = 4 * 2/4 = 2, L_2 = 0 (no pair). With eta = ln 2 the factors are 2^L = 2, 4, 1:
+    # (0.2, 0.3, 0.5) -> (0.4, 1.2, 0.5), sum 2.1 -> (4/21, 12/21, 5/21).
+    probs = t([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    group_losses = importance_weighted_group_losses(t([1.0] * 4), probs, t([0.5, 0.25, 0.25]), 4)
+    assert_close(group_losses, t([1.0, 2.0, 0.0]))
+    weights = update_dro_weights(t([0.2, 0.3, 0.5]), group_losses, math.log(2.0))
+    assert_close(weights, t([4 / 21, 12 / 21, 5 / 21]))
+    # the absent group's weight moved by the renormalization only: alpha_2 / alpha_0 went from 2.5 to 1.25
+    # (halved by group 0's factor of 2), alpha_2 / alpha_1 from 5/3 to 5/12 (group 1's factor of 4).
+    assert (weights[2] / weights[0]).item() == pytest.approx(1.25)
 
 
 # ----------------------------------------------------------------------------- adaptive KL

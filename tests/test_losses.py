@@ -17,6 +17,8 @@ from gipo.losses import (
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
+    dpo_loss,
+    dpo_pair_losses,
     entropy_from_logits,
     kl_per_token,
     logprobs_from_logits,
@@ -374,3 +376,23 @@ def test_pairwise_reward_loss_gradient_direction():
     assert chosen.grad.item() == pytest.approx(-0.5 + 2.0)
     # d/dr: +0.5 + 2.
     assert rejected.grad.item() == pytest.approx(0.5 + 2.0)
+
+
+def test_dpo_pair_losses_by_hand():
+    # beta = 0.5; pair 1: (log pi_c - log ref_c) - (log pi_r - log ref_r) = (-1 + 2) - (-3 + 2) = 2, margin 1;
+    # pair 2: (-2 + 2) - (-1 + 2) = -1, margin -0.5.
+    chosen, rejected = t([-1.0, -2.0]).requires_grad_(), t([-3.0, -1.0])
+    ref_chosen, ref_rejected = t([-2.0, -2.0]), t([-2.0, -2.0])
+    losses, margin = dpo_pair_losses(chosen, rejected, ref_chosen, ref_rejected, 0.5)
+    assert_close(margin, t([1.0, -0.5]))
+    # -log sigmoid(1) = ln(1 + e^-1) = 0.3132617; -log sigmoid(-0.5) = ln(1 + e^0.5) = 0.9740770.
+    assert_close(losses, t([0.3132617, 0.9740770]), rtol=0, atol=1e-7)
+    assert not margin.requires_grad
+    # dpo_loss is their mean, 0.6436693, with the same margins.
+    mean, same_margin = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.5)
+    assert mean.item() == pytest.approx(0.6436693, abs=1e-7)
+    assert_close(same_margin, margin)
+    # d/d log pi_c of -log sigmoid(beta * x) = -beta * sigmoid(-beta * x): -0.5 * sigmoid(-1) = -0.1344707 for
+    # pair 1 and -0.5 * sigmoid(0.5) = -0.3112296 for pair 2; a lower loss wants a larger log pi_c.
+    losses.sum().backward()
+    assert_close(chosen.grad, t([-0.1344707, -0.3112296]), rtol=0, atol=1e-7)
