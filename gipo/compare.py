@@ -105,21 +105,39 @@ def proxy_gold_gap(rows: list[dict[str, Any]], sft_rows: list[dict[str, Any]]) -
     return standardized_gain("reward") - standardized_gain("gold")
 
 
+EXACT = 1.0 - 1e-9
+"""A gold reward of 1 is an exact answer (gold is 1 - normalized edit distance on the built-in suites)."""
+
+
+def pass_rates(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per group, the share of held-out responses with an exact answer (gold 1); empty without gold."""
+    by_group: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("gold") is not None:
+            by_group.setdefault(row["group"], []).append(float(row["gold"] >= EXACT))
+    return {name: sum(v) / len(v) for name, v in by_group.items()}
+
+
 def seed_figures(run_dir: Path, sft_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The per-seed numbers that summary.json averages."""
     report = json.loads((run_dir / "eval.json").read_text())
     groups = report["groups"]
+    rows = _read_rows(run_dir / "eval_rows.jsonl")
+    passes = pass_rates(rows)
     golds = [g["gold"] for g in groups.values() if g["gold"] is not None]
     n_total = sum(g["n"] for g in groups.values())
     kls = [g["kl"] * g["n"] for g in groups.values() if g["kl"] is not None]
     return {
-        "groups": {name: {"gold": g["gold"], "reward": g["reward"]} for name, g in groups.items()},
+        "groups": {name: {"gold": g["gold"], "reward": g["reward"], "pass_rate": passes.get(name)}
+                   for name, g in groups.items()},
         "worst_group_gold": min(golds) if golds else None,
+        "worst_group_pass_rate": min(passes.values()) if passes else None,
+        "mean_pass_rate": sum(passes.values()) / len(passes) if passes else None,
         "spread_gold": max(golds) - min(golds) if golds else None,
         "ood": {split: {"gold": s["gold"], "reward": s["reward"]} for split, s in report["ood"].items()},
         "kl": sum(kls) / n_total if kls else None,
         "max_gold_drop": max_gold_drop(read_metrics(run_dir / "metrics.jsonl")),
-        "proxy_gold_gap": proxy_gold_gap(_read_rows(run_dir / "eval_rows.jsonl"), sft_rows),
+        "proxy_gold_gap": proxy_gold_gap(rows, sft_rows),
     }
 
 
@@ -131,7 +149,8 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
     return {"seeds": len(per_seed), "groups": nested("groups"), "ood": nested("ood"),
             **{k: mean_ci([s[k] for s in per_seed])
-               for k in ("worst_group_gold", "spread_gold", "kl", "max_gold_drop", "proxy_gold_gap")}}
+               for k in ("worst_group_gold", "spread_gold", "kl", "max_gold_drop", "proxy_gold_gap",
+                         "worst_group_pass_rate", "mean_pass_rate")}}
 
 
 def paired_differences(names: list[str], per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -145,9 +164,15 @@ def paired_differences(names: list[str], per_seed: dict[str, list[dict[str, Any]
         return sum(golds) / len(golds)
 
     base = per_seed[names[0]]
+    def difference(get: Callable[[dict[str, Any]], float | None], a: dict[str, Any], b: dict[str, Any]) -> float | None:
+        first, second = get(a), get(b)
+        return None if first is None or second is None else first - second
+
     figures = {"worst_group_gold": lambda f: f["worst_group_gold"], "mean_gold": mean_gold,
+               "worst_group_pass_rate": lambda f: f.get("worst_group_pass_rate"),
+               "mean_pass_rate": lambda f: f.get("mean_pass_rate"),
                **{f"ood_{split}_gold": (lambda f, s=split: f["ood"][s]["gold"]) for split in base[0]["ood"]}}
-    return {name: {key: mean_ci([get(a) - get(b) for a, b in zip(per_seed[name], base, strict=True)])
+    return {name: {key: mean_ci([difference(get, a, b) for a, b in zip(per_seed[name], base, strict=True)])
                    for key, get in figures.items()} for name in names[1:]}
 
 

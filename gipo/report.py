@@ -106,13 +106,19 @@ def compare_tables(summary: dict[str, Any]) -> dict[str, tuple[list[str], list[l
                   *[_cell(m["groups"][g]["gold"]) for g in groups], *[_cell(m["ood"][s]["gold"]) for s in splits],
                   _cell(m["kl"]), _cell(m["max_gold_drop"]), _cell(m["proxy_gold_gap"])]
                  for name, m in methods.items()]
+    pass_rates = {}
+    if any(m["groups"][g].get("pass_rate", {}).get("mean") is not None for m in methods.values() for g in groups):
+        pass_rates = {"Pass rate on held-out prompts: share of exact answers (mean ± 95% CI over seeds)": (
+            ["method", "worst domain", "mean", *groups],
+            [[name, _cell(m.get("worst_group_pass_rate")), _cell(m.get("mean_pass_rate")),
+              *[_cell(m["groups"][g].get("pass_rate")) for g in groups]] for name, m in methods.items()])}
     proxy_header = ["method", *[f"{g} reward" for g in groups], *[f"OOD {s} reward" for s in splits]]
     proxy_rows = [[name, *[_cell(m["groups"][g]["reward"]) for g in groups],
                    *[_cell(m["ood"][s]["reward"]) for s in splits]] for name, m in methods.items()]
     win_header = ["A vs B", "A wins", "tie", "B wins", "judge"]
     win_rows = [[pair.replace("_vs_", " vs "), f"{w['win']:.2f}", f"{w['tie']:.2f}", f"{w['lose']:.2f}", w["judge"]]
                 for pair, w in summary["win_rates"].items()]
-    tables = {"Gold reward on held-out prompts (mean ± 95% CI over seeds)": (main_header, main_rows)}
+    tables = {"Gold reward on held-out prompts (mean ± 95% CI over seeds)": (main_header, main_rows), **pass_rates}
     paired_key = next((k for k in summary if k.startswith("paired_vs_")), None)
     if paired_key and summary[paired_key]:
         baseline = paired_key[len("paired_vs_"):]

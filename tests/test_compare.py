@@ -12,6 +12,7 @@ from gipo.compare import (
     max_gold_drop,
     mean_ci,
     paired_differences,
+    pass_rates,
     plan_runs,
     proxy_gold_gap,
     run_compare,
@@ -170,3 +171,10 @@ def test_compare_trains_gr_dpo_like_dpo_on_the_reward_models_pairs(tmp_path, cap
                                                                                  "pairs.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "seed-0" / "gr_dpo" / "metrics.jsonl").read_text().splitlines()]
     assert any(key.startswith("groups/alpha/") for key in rows[-1])
+
+
+def test_pass_rate_is_the_share_of_exact_answers_per_group():
+    rows = [{"group": "add", "gold": 1.0}, {"group": "add", "gold": 0.99}, {"group": "add", "gold": 1.0},
+            {"group": "copy", "gold": 0.5}, {"group": "chat", "gold": None}]
+    # add: 2 of 3 exact; copy: 0 of 1; a group without gold has no pass rate.
+    assert pass_rates(rows) == {"add": pytest.approx(2 / 3), "copy": 0.0}
