@@ -108,12 +108,14 @@ def test_python_api_with_models_in_hand_and_chat_prompts(tiny_pipeline, tmp_path
     AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
 
 
-def test_cli_demo_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["gipo", "grpo"])
+def test_cli_demo_end_to_end(tmp_path, capsys, method):
     out = tmp_path / "demo"
     code = main(["demo", "--out", str(out), "--set", "max_steps=2", "--set", "sft.batch_size=8",
                  "--set", "rm.num_pairs=40", "--set", "rm.batch_size=8", "--set", "ppo.batch_size=8",
                  "--set", "ppo.mini_batch_size=4", "--set", "ppo.max_new_tokens=6", "--set", "eval_prompts=3",
-                 "--set", "progress=false", "--set", "device=cpu", "--set", "ppo.method=gipo"])
+                 "--set", "progress=false", "--set", "device=cpu", "--set", f"ppo.method={method}",
+                 *(["--set", "ppo.num_generations=4"] if method == "grpo" else [])])
     assert code == 0
     printed = capsys.readouterr().out
     assert "worst group" in printed and "gold sft" in printed
@@ -124,7 +126,7 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
     sft_eval, ppo_eval = (json.loads((out / s / "eval.json").read_text()) for s in ("sft", "ppo"))
     assert sft_eval["groups"].keys() == ppo_eval["groups"].keys()
     assert sft_eval["groups"]["add"]["reward"] is not None
-    assert "method: gipo" in (out / "ppo" / "config.yaml").read_text()
+    assert f"method: {method}" in (out / "ppo" / "config.yaml").read_text()
 
 
 def test_lora_trains_adapters_and_uses_the_adapter_free_model_as_reference(tiny_pipeline, tmp_path):
