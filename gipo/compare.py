@@ -176,6 +176,49 @@ def paired_differences(names: list[str], per_seed: dict[str, list[dict[str, Any]
                    for key, get in figures.items()} for name in names[1:]}
 
 
+def kl_frontiers(methods: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, float | str | None]]]:
+    """Per method (a sweep's runs ``method@key=value`` share one), its runs as points ordered by KL: the seed
+    means of KL, worst-domain gold, mean gold and each OOD split's gold."""
+    frontiers: dict[str, list[dict[str, Any]]] = {}
+    for name, figures in methods.items():
+        golds = [g["gold"]["mean"] for g in figures["groups"].values() if g["gold"]["mean"] is not None]
+        point = {"run": name, "kl": figures["kl"]["mean"], "worst_group_gold": figures["worst_group_gold"]["mean"],
+                 "mean_gold": sum(golds) / len(golds) if golds else None,
+                 **{f"ood_{split}_gold": s["gold"]["mean"] for split, s in figures["ood"].items()}}
+        frontiers.setdefault(name.split("@")[0], []).append(point)
+    return {method: sorted(points, key=lambda p: (p["kl"] is None, p["kl"] or 0.0))
+            for method, points in frontiers.items()}
+
+
+def interpolate(points: list[dict[str, Any]], key: str, kl: float) -> float | None:
+    """``key`` of a frontier (points ordered by KL) at ``kl``, linear between its points; None outside its range
+    (no extrapolation)."""
+    known = [(p["kl"], p[key]) for p in points if p["kl"] is not None and p.get(key) is not None]
+    for (kl_a, a), (kl_b, b) in zip(known, known[1:], strict=False):
+        if kl_a <= kl <= kl_b:
+            return a if kl_b == kl_a else a + (b - a) * (kl - kl_a) / (kl_b - kl_a)
+    return known[0][1] if len(known) == 1 and known[0][0] == kl else None
+
+
+def matched_kl_differences(frontiers: dict[str, list[dict[str, Any]]], baseline: str) -> dict[str, list[dict]]:
+    """Each other method's points minus the baseline's frontier interpolated at the same KL: a method that
+    looks better only because it ends at another KL shows no difference here."""
+    base = frontiers[baseline]
+    keys = [k for k in base[0] if k not in ("run", "kl")]
+    out = {}
+    for method, points in frontiers.items():
+        if method == baseline:
+            continue
+        out[method] = []
+        for point in points:
+            diffs: dict[str, Any] = {"run": point["run"], "kl": point["kl"]}
+            for key in keys:
+                matched = None if point["kl"] is None else interpolate(base, key, point["kl"])
+                diffs[key] = None if matched is None or point.get(key) is None else point[key] - matched
+            out[method].append(diffs)
+    return out
+
+
 def win_rates(runs: list[str], rows: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
     """Pairwise win/tie/lose on the same held-out prompts, pooled over seeds; judged by the gold reward where
     the task has one, else by the judge reward model where evaluation had one, else by the run's reward model."""
@@ -258,6 +301,11 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
     summary = {"methods": {name: aggregate(per_seed[name]) for name in names},
                "win_rates": win_rates(names, all_rows),
                f"paired_vs_{names[0]}": paired_differences(names, per_seed)}
+    if sweep:
+        frontiers = kl_frontiers(summary["methods"])
+        summary["kl_frontier"] = frontiers
+        baseline = names[0].split("@")[0]
+        summary[f"matched_kl_vs_{baseline}"] = matched_kl_differences(frontiers, baseline)
     # A sweep shares the seeds' SFT and reward model with the plain compare but reports on its own.
     report_dir = out / f"sweep-{sweep[0]}" if sweep else out
     report_dir.mkdir(parents=True, exist_ok=True)

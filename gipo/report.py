@@ -95,6 +95,10 @@ def _cell(figure: dict[str, Any] | None) -> str:
     return f"{figure['mean']:.3f}" + (f" ± {ci:.3f}" if ci is not None else "")
 
 
+def _number(value: float | None, signed: bool = False) -> str:
+    return "-" if value is None else (f"{value:+.3f}" if signed else f"{value:.3f}")
+
+
 def compare_tables(summary: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
     """The report's tables as (header, rows), shared by the Markdown and HTML reports."""
     methods = summary["methods"]
@@ -126,6 +130,15 @@ def compare_tables(summary: dict[str, Any]) -> dict[str, tuple[list[str], list[l
         tables[f"Difference to {baseline} on the same seed (mean ± 95% CI; > 0: better than {baseline})"] = (
             ["method", *[k.replace("_", " ") for k in keys]],
             [[name, *[_cell(d[k]) for k in keys]] for name, d in summary[paired_key].items()])
+    matched_key = next((k for k in summary if k.startswith("matched_kl_vs_")), None)
+    if matched_key and summary[matched_key]:
+        baseline = matched_key[len("matched_kl_vs_"):]
+        points = [p for method_points in summary[matched_key].values() for p in method_points]
+        keys = [k for k in points[0] if k not in ("run", "kl")] if points else []
+        tables[f"At matched KL: each run minus {baseline}'s KL frontier interpolated at the run's KL (seed means; "
+               f"- where the run's KL lies outside {baseline}'s range)"] = (
+            ["run", "KL", *[k.replace("_", " ") for k in keys]],
+            [[p["run"], _number(p["kl"]), *[_number(p[k], signed=True) for k in keys]] for p in points])
     return {**tables,
             "Proxy (reward-model) score": (proxy_header, proxy_rows),
             "Win rates on the same held-out prompts": (win_header, win_rows)}
@@ -220,6 +233,9 @@ def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: i
     fig.savefig(plots["bars"], dpi=100)
     plt.close(fig)
 
+    if summary.get("kl_frontier"):
+        plots["kl_frontier"] = _kl_frontier_plot(summary["kl_frontier"], report_dir / "kl_frontier.png", plt)
+
     inferred = [name for name in names if (out / "seed-0" / name / "config.yaml").exists()
                 and "groups: inferred" in (out / "seed-0" / name / "config.yaml").read_text()]
     nmi = {name: _run_curves(out, name, seeds, "groups/").get("nmi") for name in inferred}
@@ -241,7 +257,29 @@ def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: i
     return plots
 
 
+def _kl_frontier_plot(frontiers: dict[str, list[dict[str, Any]]], path: Path, plt) -> Path:
+    """Held-out gold against KL, one line per method through its sweep's runs (seed means)."""
+    keys = [k for k in next(iter(frontiers.values()))[0] if k not in ("run", "kl")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.4), squeeze=False)
+    for i, (method, points) in enumerate(frontiers.items()):
+        for ax, key in zip(axes[0], keys, strict=True):
+            shown = [(p["kl"], p[key]) for p in points if p["kl"] is not None and p.get(key) is not None]
+            if shown:
+                ax.plot(*zip(*shown, strict=True), marker="o", color=plt.cm.tab10(i % 10), label=method)
+    for ax, key in zip(axes[0], keys, strict=True):
+        ax.set_xlabel("KL to reference per response")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Gold against KL along the sweep (mean over seeds): higher at the same KL is better", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 PLOT_CAPTIONS = {
+    "kl_frontier": "Worst-domain, mean and OOD gold against KL along the sweep, one line per method.",
     "curves": "Per-domain gold reward on held-out prompts during training.",
     "frontier": "Reward against KL: a method above and left of another gets more for less drift.",
     "bars": "Final per-domain gold reward with 95% confidence intervals over seeds.",

@@ -9,6 +9,8 @@ import pytest
 
 from gipo.cli import main
 from gipo.compare import (
+    interpolate,
+    matched_kl_differences,
     max_gold_drop,
     mean_ci,
     paired_differences,
@@ -178,3 +180,26 @@ def test_pass_rate_is_the_share_of_exact_answers_per_group():
             {"group": "copy", "gold": 0.5}, {"group": "chat", "gold": None}]
     # add: 2 of 3 exact; copy: 0 of 1; a group without gold has no pass rate.
     assert pass_rates(rows) == {"add": pytest.approx(2 / 3), "copy": 0.0}
+
+
+def test_matched_kl_interpolates_the_baseline_frontier_and_never_extrapolates():
+    frontiers = {"ppo": [{"run": "ppo@kl_coef=0.1", "kl": 1.0, "mean_gold": 0.50},
+                         {"run": "ppo@kl_coef=0.02", "kl": 3.0, "mean_gold": 0.70}],
+                 "gipo": [{"run": "gipo@kl_coef=0.1", "kl": 2.5, "mean_gold": 0.60},
+                          {"run": "gipo@kl_coef=0.02", "kl": 4.0, "mean_gold": 0.80}]}
+    # ppo at KL 2.5: 0.5 + (0.7 - 0.5) * (2.5 - 1) / (3 - 1) = 0.65, so gipo's 0.60 is -0.05 at matched KL,
+    # although gipo's own best (0.80) beats ppo's best (0.70): it got there with more KL.
+    assert interpolate(frontiers["ppo"], "mean_gold", 2.5) == pytest.approx(0.65)
+    (at_25, at_4) = matched_kl_differences(frontiers, "ppo")["gipo"]
+    assert at_25 == {"run": "gipo@kl_coef=0.1", "kl": 2.5, "mean_gold": pytest.approx(-0.05)}
+    assert at_4["mean_gold"] is None  # KL 4 is beyond ppo's frontier (1 to 3)
+
+
+def test_a_kl_sweep_reports_the_frontier_and_the_matched_kl_table(tmp_path):
+    summary = run_compare(tmp_path, ["ppo", "gipo"], 1, TINY, sweep=("kl_coef", [0.02, 0.2]), log=lambda _: None)
+    assert [p["run"] for p in sorted(summary["kl_frontier"]["ppo"], key=lambda p: p["run"])] == [
+        "ppo@kl_coef=0.02", "ppo@kl_coef=0.2"]
+    assert [p["run"] for p in summary["matched_kl_vs_ppo"]["gipo"]]
+    report = (tmp_path / "sweep-kl_coef" / "report.md").read_text()
+    assert "At matched KL" in report and "kl_frontier.png" in report
+    assert (tmp_path / "sweep-kl_coef" / "kl_frontier.png").stat().st_size > 1000
