@@ -89,8 +89,9 @@ def child_env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def run_child(python: str, args: list[str], log: Path, threads: int | None) -> None:
-    command = [python, str(Path(__file__).resolve()), *args]
+def run_child(python: str, args: list[str], log: Path, threads: int | None, script: str | Path = __file__) -> None:
+    """``python script args...`` (default: this file), output to ``log``; its last lines on failure."""
+    command = [python, str(Path(script).resolve()), *args]
     with log.open("w") as handle:
         proc = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=child_env(threads),
                               cwd=str(ROOT), check=False)
@@ -102,6 +103,28 @@ def run_child(python: str, args: list[str], log: Path, threads: int | None) -> N
 
 def median_min_max(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def side_summary(results: list[dict]) -> dict:
+    """One side's runs: s/iter over every timed iteration (the first of each run left out), generated tok/s
+    at the median, the largest peak memory."""
+    times = [t for r in results for t in r["intervals"][1:]]
+    per_iter = [statistics.mean(r["tokens"]) for r in results]
+    stats = median_min_max(times)
+    return {"s_per_iter": stats, "tokens_per_s": statistics.mean(per_iter) / stats["median"],
+            "peak_mib": max(r["peak_mib"] for r in results), "runs": len(results),
+            "tokens_per_iter": statistics.mean(per_iter)}
+
+
+def paired_ratios(runs: dict[str, list[dict]], a: str, b: str, key: str) -> list[float]:
+    """Per repeat, side ``a``'s ``key`` over side ``b``'s."""
+    return [ra[key] / rb[key] for ra, rb in zip(runs[a], runs[b], strict=True)]
+
+
+def ratio_span(values: list[float]) -> str:
+    """``median [min, max]`` of paired ratios (the median alone for one repeat)."""
+    spread = f" [{min(values):.2f}, {max(values):.2f}]" if len(values) > 1 else ""
+    return f"{statistics.median(values):.2f}{spread}"
 
 
 class Profile:
@@ -494,6 +517,23 @@ def measure_floor(trainer, batch: int, repeats: int = 3) -> dict:
 PLAIN_OPTIONS = {"generation_backend": "hf", "reuse_generation_logprobs": False, "fused_optimizer": False}
 
 
+def count_gipo_generation(prof: Profile, tokens: list[int], lengths: list[float] | None = None) -> None:
+    """gipo.ppo's ``generate`` timed as "generation"; each call appends its generated token positions to
+    ``tokens`` (and, given ``lengths``, the mean response length)."""
+    import gipo.ppo as gipo_ppo
+
+    generation = gipo_ppo.generate
+
+    def counted_generation(*args, **kwargs):
+        rollout = generation(*args, **kwargs)
+        tokens.append(rollout.response_ids.numel())
+        if lengths is not None:
+            lengths.append(rollout.response_mask.sum(-1).float().mean().item())
+        return rollout
+
+    gipo_ppo.generate = prof.timed("generation", counted_generation)
+
+
 def run_gipo(spec: dict, method: str, profile: bool, variant: str) -> dict:
     import torch
     import transformers
@@ -538,14 +578,7 @@ def run_gipo(spec: dict, method: str, profile: bool, variant: str) -> dict:
     tokens: list[int] = []
     peaks: list[float] = []
     prof = Profile()
-    generation = gipo_ppo.generate
-
-    def counted_generation(*args, **kwargs):
-        rollout = generation(*args, **kwargs)
-        tokens.append(rollout.response_ids.numel())
-        return rollout
-
-    gipo_ppo.generate = prof.timed("generation", counted_generation)
+    count_gipo_generation(prof, tokens)
     if profile:
         trainer.update = prof.timed("update", trainer.update)
         gipo_ppo.response_logprobs = prof.timed(
@@ -631,7 +664,10 @@ def prepare_setting(name: str, work: Path, args) -> dict | None:
     return spec
 
 
-def run_side(spec: dict, side: str, label: str, work: Path, args, python: str, variant: str = "fast") -> dict:
+def run_side(spec: dict, side: str, label: str, work: Path, args, python: str, variant: str = "fast", *,
+             script: str | Path = __file__, child_args: list[str] | None = None) -> dict:
+    """One side's run, ``script --child run`` in its own process (``child_args``, default ``--variant``);
+    its result, with the median s/iter."""
     run_dir = work / f"{label}-{side}".replace("/", "of").replace(" ", "-")
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path, out = run_dir / "spec.json", run_dir / "result.json"
@@ -641,38 +677,36 @@ def run_side(spec: dict, side: str, label: str, work: Path, args, python: str, v
                                      "gipo_overrides": parse_overrides(args.gipo_set)}))
     started = time.perf_counter()
     command = ["--child", "run", "--side", side, "--spec", str(spec_path), "--out", str(out),
-               "--variant", variant]
-    run_child(python, command + (["--profile"] if args.profile else []), run_dir / "child.log", args.threads)
+               *(["--variant", variant] if child_args is None else child_args)]
+    run_child(python, command + (["--profile"] if args.profile else []), run_dir / "child.log", args.threads,
+              script=script)
     result = json.loads(out.read_text())
     result["wall_s"] = time.perf_counter() - started
     timed = result["intervals"][1:]
     if not timed:
         raise SystemExit("need at least 2 iterations: the first one is warm-up and left out")
     result["median_s"] = statistics.median(timed)
+    length = f", mean response {result['mean_length']:.1f} tokens" if "mean_length" in result else ""
     print(f"[{label}] {side:9s} {result['median_s']:.3f} s/iter (median of {len(timed)}), "
-          f"peak {result['peak_mib']:.0f} MiB, {result['threads']} threads, process {result['wall_s']:.0f} s",
-          flush=True)
+          f"peak {result['peak_mib']:.0f} MiB{length}, {result['threads']} threads, process "
+          f"{result['wall_s']:.0f} s", flush=True)
     shutil.rmtree(run_dir / "run", ignore_errors=True)
     return result
 
 
+def alternating(sides: tuple[str, ...], repeats: int):
+    """``(repeat, side)`` in run order: every side once per repeat, who goes first rotating."""
+    for repeat in range(repeats):
+        for side in sides[repeat % len(sides):] + sides[:repeat % len(sides)]:
+            yield repeat, side
+
+
 def summarize(runs: dict[str, list[dict]]) -> dict:
-    summary: dict = {}
-    for side, results in runs.items():
-        times = [t for r in results for t in r["intervals"][1:]]
-        per_iter = [statistics.mean(r["tokens"]) for r in results]
-        stats = median_min_max(times)
-        summary[side] = {"s_per_iter": stats, "tokens_per_s": statistics.mean(per_iter) / stats["median"],
-                         "peak_mib": max(r["peak_mib"] for r in results), "runs": len(results),
-                         "tokens_per_iter": statistics.mean(per_iter)}
-
-    def paired(a: str, b: str, key: str) -> list[float]:
-        return [ra[key] / rb[key] for ra, rb in zip(runs[a], runs[b], strict=True)]
-
-    pairs = {"ppo_vs_trl": paired("gipo_ppo", "trl", "median_s"),
-             "gipo_vs_ppo": paired("gipo_gipo", "gipo_ppo", "median_s"),
-             "gipo_vs_trl": paired("gipo_gipo", "trl", "median_s"),
-             "memory_ppo_vs_trl": paired("gipo_ppo", "trl", "peak_mib")}
+    summary: dict = {side: side_summary(results) for side, results in runs.items()}
+    pairs = {"ppo_vs_trl": paired_ratios(runs, "gipo_ppo", "trl", "median_s"),
+             "gipo_vs_ppo": paired_ratios(runs, "gipo_gipo", "gipo_ppo", "median_s"),
+             "gipo_vs_trl": paired_ratios(runs, "gipo_gipo", "trl", "median_s"),
+             "memory_ppo_vs_trl": paired_ratios(runs, "gipo_ppo", "trl", "peak_mib")}
     summary["ratio_ppo_vs_trl"] = statistics.median(pairs["ppo_vs_trl"])
     summary["ratio_gipo_vs_ppo"] = statistics.median(pairs["gipo_vs_ppo"])
     summary["memory_ratio_ppo_vs_trl"] = statistics.median(pairs["memory_ppo_vs_trl"])
@@ -680,23 +714,49 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     return summary
 
 
-def profile_table(runs: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    """Mean seconds per iteration per phase (iterations after the first, all repeats)."""
+def profile_table(runs: dict[str, list[dict]], rows: tuple[str, ...] = PROFILE_ROWS) -> dict[str, dict[str, float]]:
+    """Mean seconds per iteration per phase (iterations after the first, all repeats); the last of ``rows`` is
+    what the measured phases leave of the iteration."""
     table: dict[str, dict[str, float]] = {}
     for side, results in runs.items():
         if not results or results[0].get("profile") is None:
             continue
-        phases: dict[str, list[float]] = {row: [] for row in PROFILE_ROWS}
+        phases: dict[str, list[float]] = {row: [] for row in rows}
         totals = []
         for r in results:
             for interval, parts in zip(r["intervals"][1:], r["profile"][1:], strict=False):
                 totals.append(interval)
-                for row in PROFILE_ROWS[:-1]:
+                for row in rows[:-1]:
                     phases[row].append(parts.get(row, float("nan")))
-                phases[PROFILE_ROWS[-1]].append(interval - sum(v for v in parts.values()))
+                phases[rows[-1]].append(interval - sum(v for v in parts.values()))
         table[side] = {row: statistics.mean(v) for row, v in phases.items() if v}
         table[side]["iteration"] = statistics.mean(totals)
     return table
+
+
+def print_side_table(summary: dict, sides, extra: dict[str, str] | None = None) -> None:
+    """One row per side: s/iter median [min, max], generated tok/s, peak MiB, then the ``extra`` columns
+    (header: key of the side's summary)."""
+    extra = extra or {}
+    print(f"{'side':10s} {'s/iter median':>13s} {'[min, max]':>18s} {'gen tok/s':>10s} {'peak MiB':>9s}"
+          + "".join(f" {header:>9s}" for header in extra))
+    for side in sides:
+        r = summary[side]
+        st = r["s_per_iter"]
+        spread = f"[{st['min']:.3f}, {st['max']:.3f}]"
+        print(f"{side:10s} {st['median']:13.3f} {spread:>18s} {r['tokens_per_s']:10.1f} {r['peak_mib']:9.0f}"
+              + "".join(f" {r[key]:9.1f}" for key in extra.values()))
+
+
+def print_phase_table(table: dict[str, dict[str, float]], sides, rows: tuple[str, ...], width: int = 40) -> None:
+    """``profile_table``'s mean seconds per phase, a column per side ("-" where a side has no such phase)."""
+    print(f"{'phase':{width}s}" + "".join(f"{side:>11s}" for side in sides))
+    for row in (*rows, "iteration"):
+        cells = []
+        for side in sides:
+            value = table.get(side, {}).get(row)
+            cells.append(f"{value:11.3f}" if value is not None and value == value else f"{'-':>11s}")
+        print(f"{row:{width}s}" + "".join(cells))
 
 
 def print_setting(name: str, spec: dict, runs: dict[str, list[dict]], summary: dict, args) -> None:
@@ -706,32 +766,16 @@ def print_setting(name: str, spec: dict, runs: dict[str, list[dict]], summary: d
           f"{s['response_length']} response tokens (no stop), {s['ppo_epochs']} PPO epoch(s), "
           f"minibatch {s['mini_batch_size']}, "
           f"{spec['iterations']} iterations x {args.repeats} repeat(s), torch threads {threads}")
-    print(f"{'side':10s} {'s/iter median':>13s} {'[min, max]':>18s} {'gen tok/s':>10s} {'peak MiB':>9s}")
-    for side in SIDES:
-        r = summary[side]
-        st = r["s_per_iter"]
-        spread = f"[{st['min']:.3f}, {st['max']:.3f}]"
-        print(f"{side:10s} {st['median']:13.3f} {spread:>18s} {r['tokens_per_s']:10.1f} {r['peak_mib']:9.0f}")
+    print_side_table(summary, SIDES)
     pairs = summary["paired_ratios"]
-
-    def span(values: list[float]) -> str:
-        spread = f" [{min(values):.2f}, {max(values):.2f}]" if len(values) > 1 else ""
-        return f"{statistics.median(values):.2f}{spread}"
-
-    print(f"gipo ppo / TRL    time {span(pairs['ppo_vs_trl'])}   memory {span(pairs['memory_ppo_vs_trl'])}"
-          f"   (paired by repeat; < 1: gipo faster / smaller)")
-    print(f"gipo gipo / ppo   time {span(pairs['gipo_vs_ppo'])}")
-    print(f"gipo gipo / TRL   time {span(pairs['gipo_vs_trl'])}")
+    print(f"gipo ppo / TRL    time {ratio_span(pairs['ppo_vs_trl'])}   memory "
+          f"{ratio_span(pairs['memory_ppo_vs_trl'])}   (paired by repeat; < 1: gipo faster / smaller)")
+    print(f"gipo gipo / ppo   time {ratio_span(pairs['gipo_vs_ppo'])}")
+    print(f"gipo gipo / TRL   time {ratio_span(pairs['gipo_vs_trl'])}")
     if args.profile:
         table = profile_table(runs)
         print("\nwhere the time goes (mean s per iteration, first iteration left out):")
-        print(f"{'phase':40s}" + "".join(f"{side:>11s}" for side in SIDES))
-        for row in (*PROFILE_ROWS, "iteration"):
-            cells = []
-            for side in SIDES:
-                value = table.get(side, {}).get(row)
-                cells.append(f"{value:11.3f}" if value is not None and value == value else f"{'-':>11s}")
-            print(f"{row:40s}" + "".join(cells))
+        print_phase_table(table, SIDES, PROFILE_ROWS)
         floors = [r["floor"] for side in ("gipo_ppo", "gipo_gipo") for r in runs[side] if r.get("floor")]
         if floors:
             gen = statistics.median(f["generate_s"] for f in floors)
@@ -758,12 +802,10 @@ def benchmark(args) -> dict:
                 report["settings"][name] = {"skipped": True}
                 continue
             runs: dict[str, list[dict]] = {side: [] for side in SIDES}
-            for repeat in range(args.repeats):
-                order = SIDES[repeat % len(SIDES):] + SIDES[:repeat % len(SIDES)]  # alternate who goes first
-                for side in order:
-                    python = trl_python if side == "trl" else gipo_python()
-                    runs[side].append(run_side(spec, side, f"{name} {repeat + 1}/{args.repeats}",
-                                               work / name, args, python))
+            for repeat, side in alternating(SIDES, args.repeats):
+                python = trl_python if side == "trl" else gipo_python()
+                runs[side].append(run_side(spec, side, f"{name} {repeat + 1}/{args.repeats}",
+                                           work / name, args, python))
             summary = summarize(runs)
             print_setting(name, spec, runs, summary, args)
             entry = {side: {k: summary[side][k] for k in ("s_per_iter", "tokens_per_s", "peak_mib")}
@@ -812,6 +854,28 @@ def quality(args) -> dict:
                         "s_per_iter": {v: curves[v]["median_s"] for v in ("fast", "plain")}}}
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, gipo_set_help: str) -> None:
+    """Options the benchmarks here share: torch threads, seed, gipo settings, work folder, HH-RLHF prompts."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every run (default: OMP_NUM_THREADS or torch's own choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gipo-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a gipo PPOConfig setting for the gipo sides (repeatable), e.g. " + gipo_set_help)
+    parser.add_argument("--workdir", default=None,
+                        help="keep models and logs here (default: a temp folder, removed at the end)")
+    parser.add_argument("--hh-path", default=str(HH_HARMLESS), help="HH-RLHF harmless-base test.jsonl.gz")
+
+
+def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, known: dict) -> None:
+    """``args.settings`` as a list of names in ``known``; ``args.threads`` from OMP_NUM_THREADS when unset."""
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in args.settings if s not in known]
+    if unknown:
+        parser.error(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    if args.threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        args.threads = int(os.environ["OMP_NUM_THREADS"])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -827,16 +891,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="instead: gipo ppo on tiny with the fast and a plain log-prob path, same seed")
     parser.add_argument("--trl-venv", default=str(DEFAULT_TRL_VENV),
                         help="where the TRL 1.12 environment lives (made there if missing)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads in every run (default: OMP_NUM_THREADS or torch's own choice)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gipo-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a gipo PPOConfig setting for the gipo sides (repeatable), e.g. "
-                        "--gipo-set generation_backend=fast; --quality's plain run keeps them except the speed paths "
-                        "(generation_backend, reuse_generation_logprobs, fused_optimizer)")
-    parser.add_argument("--workdir", default=None,
-                        help="keep models and logs here (default: a temp folder, removed at the end)")
-    parser.add_argument("--hh-path", default=str(HH_HARMLESS), help="HH-RLHF harmless-base test.jsonl.gz")
+    add_run_arguments(parser, "--gipo-set generation_backend=fast; --quality's plain run keeps them except the "
+                      "speed paths (generation_backend, reuse_generation_logprobs, fused_optimizer)")
     # Internal: what a child process does.
     parser.add_argument("--child", choices=("prepare", "run"), help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
@@ -845,16 +901,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = [s for s in args.settings if s not in SETTINGS]
-    if unknown:
-        parser.error(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
+    check_run_arguments(parser, args, SETTINGS)
     if args.iterations is not None and args.iterations < 2:
         parser.error("--iterations must be at least 2 (the first iteration is warm-up and left out)")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    if args.threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        args.threads = int(os.environ["OMP_NUM_THREADS"])
     return args
 
 
