@@ -158,6 +158,14 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "dr_grpo": {"_about": "Dr. GRPO, no critic", "estimator": "dr_grpo", **_NO_GROUPS},
     "rloo": {"_about": "RLOO, no critic", "estimator": "rloo", **_NO_GROUPS},
     "reinforce_pp": {"_about": "REINFORCE++, no critic", "estimator": "reinforce_pp", **_NO_GROUPS},
+    "grpo_gipo": {"_about": "GRPO with the paper's three parts: groups inferred from the prompts' mean rewards, "
+                  "invariant objective, group-adaptive KL", "estimator": "grpo", "groups": "inferred",
+                  "group_objective": "variance", "group_kl": True, "group_var": "mass", "group_sampling": False},
+    "grpo_prompt_gdro": {"_about": "GRPO with Prompt-GDRO: pass-rate bins decide which prompts are sampled",
+                         "estimator": "grpo", "groups": "difficulty", "group_objective": "none", "group_kl": False,
+                         "group_sampling": True},
+    "grpo_oracle_dro": {"_about": "GRPO with group DRO on the data's labels", "estimator": "grpo",
+                        "groups": "oracle", "group_objective": "dro", "group_kl": False, "group_sampling": False},
     "custom": {"_about": "no preset: set the group keys and the estimator yourself"},
 }
 
@@ -306,9 +314,11 @@ class PPOConfig(RunConfig):
     method: str = option("ppo", "Preset: " + ", ".join(f"{k} ({v['_about']})" for k, v in METHOD_PRESETS.items())
                          + ". A group key set explicitly to another value than the preset's is an error "
                          "(use custom).", choices=tuple(METHOD_PRESETS))
-    groups: str = option("none", "Where groups come from: none, inferred (a group head on the critic, "
-                         "trained to maximize R_var) or oracle (the data's group labels).",
-                         choices=("none", "inferred", "oracle"))
+    groups: str = option("none", "Where groups come from: none, inferred (a group head trained to maximize R_var: "
+                         "on the critic with gae, on the policy's detached hidden state at the prompt with the "
+                         "critic-free estimators), difficulty (bins of each prompt's mean-reward EMA, Prompt-GDRO) "
+                         "or oracle (the data's group labels).",
+                         choices=("none", "inferred", "difficulty", "oracle"))
     num_groups: int = option(2, "M, the number of inferred groups (the paper: 2).", min=2)
     group_signal: str = option("return", "Per-sample performance that forms the groups: return (shaped PPO "
                                "return, the paper), score (reward-model score) or gain (score minus the "
@@ -332,6 +342,20 @@ class PPOConfig(RunConfig):
     group_kl_floor: float = option(0.0, "Lower bound of the group-adaptive KL weight.", min=0, max=1)
     group_ema: float = option(0.9, "Smoothing of group returns across iterations (for g_high).", min=0, max=0.999)
     gain_baseline_samples: int = option(2, "Reference responses per prompt for the gain's baseline.", min=1)
+    # Groups of prompts without a critic (docs/method.md, "Groups without a critic")
+    group_sampling: bool = option(False, "The groups decide which prompts fill the next batch: multiplicative "
+                                  "weights on each group's mean-loss EMA (Prompt-GDRO's sampler). Critic-free "
+                                  "estimators, or groups=oracle/difficulty.")
+    group_sampling_step_size: float = option(1.0, "eta of the sampling weights' multiplicative step (per unit of "
+                                             "mean reward).", min=0)
+    group_sampling_floor: float = option(0.1, "Share of the sampling mixed in uniformly over the groups, so that "
+                                         "none stops being seen.", min=0, max=1)
+    difficulty_ema: float = option(0.8, "Decay of each prompt's mean-reward EMA (difficulty bins) and of each "
+                                   "group's mean-loss EMA (sampling weights).", min=0, max=0.999)
+    group_head_steps: int = option(5, "Gradient steps per iteration of the prompt group head (inferred groups "
+                                   "without a critic).", min=1)
+    group_head_learning_rate: float = option(1e-2, "Adam learning rate of the prompt group head.", min=0,
+                                             min_exclusive=True)
 
     def __post_init__(self) -> None:
         """Fill the preset's keys that were left at their defaults; a conflicting explicit value is an error."""
@@ -402,11 +426,18 @@ class PPOConfig(RunConfig):
             raise ConfigError(f"PPOConfig: dr_grpo divides by no std (scale_rewards=none); scale_rewards="
                               f"{self.scale_rewards} is grpo's (estimator=grpo).")
         if not self.uses_critic:
-            needs = [name for name, on in (("groups=inferred", self.groups == "inferred"),
-                                           ("shared_critic", self.shared_critic), ("critic", self.critic)) if on]
+            needs = [name for name, on in (("shared_critic", self.shared_critic), ("critic", self.critic)) if on]
             if needs:
                 raise ConfigError(f"PPOConfig: {', '.join(needs)} need a critic, which only estimator=gae has "
-                                  f"(estimator={self.estimator}); with a critic-free estimator use groups=oracle or none.")
+                                  f"(estimator={self.estimator}).")
+            if self.groups == "inferred" and self.group_signal != "return":
+                raise ConfigError(f"PPOConfig: without a critic, inferred groups form from each prompt's mean reward; "
+                                  f"group_signal={self.group_signal} is the critic's (estimator=gae).")
+        if self.group_sampling and self.groups == "none":
+            raise ConfigError("PPOConfig: group_sampling needs groups: set groups to inferred, difficulty or oracle.")
+        if self.group_sampling and self.uses_critic and self.groups == "inferred":
+            raise ConfigError("PPOConfig: group_sampling with inferred groups reads the prompt head of the critic-free "
+                              "estimators; with gae use groups=difficulty or oracle.")
 
 
 @dataclass

@@ -160,3 +160,53 @@ def normalized_mutual_information(predicted: torch.Tensor, true: torch.Tensor) -
     if entropy_a + entropy_b == 0:
         return 1.0
     return 2 * mutual / (entropy_a + entropy_b)
+
+
+# --- Groups without a critic: per-prompt signals, difficulty bins, where the samples go ------------------
+
+def difficulty_bins(pass_rates: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Prompt-GDRO's bins (Panaganti et al., 2026): equal-width pass-rate bins over [0, 1], bin 0 the hardest
+    (lowest pass rate), a rate of 1 in the last bin: (P,) long."""
+    return (pass_rates.clamp(0, 1) * num_bins).long().clamp(max=num_bins - 1)
+
+
+def update_sampling_weights(weights: torch.Tensor, loss_ema: torch.Tensor, seen: torch.Tensor, step_size: float,
+                            floor: float) -> torch.Tensor:
+    """Multiplicative weights over groups for sampling prompts: q_g <- q_g exp(eta * Lbar_g), normalized, then
+    mixed with the uniform distribution (q <- (1 - floor) q + floor / M) so that no group stops being sampled.
+
+    ``loss_ema`` (M,) is an EMA of each group's *mean* loss (Prompt-GDRO's EMA-debiased score): a group's weight
+    grows because it stays hard, not because many of its prompts were drawn. A group not ``seen`` yet scores the
+    mean of those seen: it is neither favoured nor held back for being unknown."""
+    if not seen.any():
+        return weights
+    scores = torch.where(seen, loss_ema, loss_ema[seen].mean())
+    new = weights * torch.exp(step_size * (scores - scores.max()))  # shifted: the same after normalizing
+    new = new / new.sum()
+    return (1 - floor) * new + floor / len(new)
+
+
+def update_loss_ema(loss_ema: torch.Tensor, group_losses: torch.Tensor, observed: torch.Tensor, seen: torch.Tensor,
+                    decay: float) -> torch.Tensor:
+    """EMA of each group's mean loss, moved only for the groups ``observed`` (M,) bool in this batch; a group's
+    first observation (not ``seen`` before) starts it."""
+    moved = torch.where(seen, decay * loss_ema + (1 - decay) * group_losses, group_losses)
+    return torch.where(observed, moved, loss_ema)
+
+
+def select_by_group_weights(candidate_groups: list[int], weights: torch.Tensor, n: int,
+                            generator: torch.Generator) -> list[int]:
+    """Positions of ``n`` candidates chosen so that their groups follow ``weights`` (M,): draw a group from the
+    weights (renormalized over the groups that still have unused candidates), then its next unused candidate.
+    Candidates come in a random order already, so "next" is a random member."""
+    by_group: dict[int, list[int]] = {}
+    for position, group in enumerate(candidate_groups):
+        by_group.setdefault(group, []).append(position)
+    chosen: list[int] = []
+    for _ in range(min(n, len(candidate_groups))):
+        available = torch.tensor([float(bool(by_group.get(g))) for g in range(len(weights))])
+        probs = weights.float().cpu() * available
+        group = int(torch.multinomial(probs / probs.sum(), 1, generator=generator)) if probs.sum() > 0 else \
+            next(g for g in range(len(weights)) if by_group.get(g))
+        chosen.append(by_group[group].pop(0))
+    return chosen

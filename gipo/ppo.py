@@ -45,6 +45,7 @@ from gipo.losses import (
     shape_rewards,
 )
 from gipo.models import Critic, ValueHeads, load_causal_lm, load_reward_model, load_tokenizer
+from gipo.prompt_groups import PromptGroups, per_prompt_means
 from gipo.reward_functions import RewardFunction, RewardFunctions
 from gipo.rollout import (
     RewardScorer,
@@ -56,6 +57,7 @@ from gipo.rollout import (
     generate,
     has_active_dropout,
     logprobs_and_values,
+    prompt_states,
     response_logprobs,
     sampled_values,
 )
@@ -153,6 +155,7 @@ class PPOTrainer(BaseTrainer):
         # Weights split across processes (FSDP, ZeRO-3) need every process in each forward of the trained models.
         self.sharded = dist.is_sharded(self.policy)
         self.sampler = EpochSampler(len(self.records), config.seed)
+        self.prompt_groups = self._make_prompt_groups()
         self.kl_ctl = make_kl_controller(config.kl_coef, config.adaptive_kl, config.target_kl, config.kl_horizon)
         self.score_moments = RunningMoments()
         self.group_returns_ema: torch.Tensor | None = None
@@ -175,6 +178,20 @@ class PPOTrainer(BaseTrainer):
                               f"are global (over all processes): the prompts and mini_batch_size must be multiples of "
                               f"the {processes} processes (each process holds every sample of its prompts).")
         self.local_mini_batch_size = config.mini_batch_size // processes
+
+    def _make_prompt_groups(self) -> PromptGroups | None:
+        """Groups of whole prompts (difficulty bins; inferred without a critic; any that decide the sampling)."""
+        config = self.config
+        if not (config.groups == "difficulty" or config.group_sampling
+                or (config.groups == "inferred" and not config.uses_critic)):
+            return None
+        return PromptGroups(config, self.num_groups, self.policy.config.hidden_size,
+                            labels=self._label_indices, states=self._prompt_states, device=self.device)
+
+    def _prompt_states(self, indices: list[int]) -> torch.Tensor:
+        ids, mask = pad_left([self.encoded[i] for i in indices], self.tokenizer.pad_token_id)
+        with self.autocast():
+            return prompt_states(self.policy, ids.to(self.device), mask.to(self.device))
 
     def trained_models(self) -> list[torch.nn.Module]:
         """The policy, and the critic where the estimator has one."""
@@ -274,7 +291,11 @@ class PPOTrainer(BaseTrainer):
     def training_step(self) -> dict[str, float]:
         config = self.config
         started = time.perf_counter()
-        prompts = dist.shard(self.sampler.next_batch(config.prompts_per_batch))
+        if self.prompt_groups is not None:
+            prompts = self.prompt_groups.choose_prompts(self.sampler, config.prompts_per_batch, self.step)
+        else:
+            prompts = self.sampler.next_batch(config.prompts_per_batch)
+        prompts = dist.shard(prompts)
         # Each process samples every response of its own prompts, a prompt's samples side by side, so the
         # per-prompt statistics of the critic-free estimators need no communication.
         indices = [i for i in prompts for _ in range(config.num_generations)]
@@ -328,6 +349,9 @@ class PPOTrainer(BaseTrainer):
             scores = scores.clamp(-config.reward_clip, config.reward_clip)
 
         label_probs = self._label_probs(indices) if config.groups == "oracle" else None
+        prompt_signal, prompt_metrics = None, {}
+        if self.prompt_groups is not None:
+            label_probs, prompt_signal, prompt_metrics = self._prompt_group_assignment(indices, raw_scores)
         # The data's labels (oracle), else the critic's group head (None without a critic: no groups then).
         probs = label_probs if label_probs is not None or group_logits is None else F.softmax(group_logits, dim=-1)
         kl = (kl_per_token(logprobs, ref_logprobs, config.kl_estimator) if ref_logprobs is not None
@@ -338,7 +362,7 @@ class PPOTrainer(BaseTrainer):
         advantages, returns = self._advantages(rewards, values, response_mask)
         check_finite(self.step, **_present(shaped_rewards=rewards, advantages=advantages, returns=returns))
 
-        signal = self._group_signal(indices, rewards, raw_scores)
+        signal = prompt_signal if prompt_signal is not None else self._group_signal(indices, rewards, raw_scores)
         if config.groups != "none":
             group_returns = G.soft_group_means(probs, signal, self.reduce)
             self.group_returns_ema = group_returns if self.group_returns_ema is None else (
@@ -367,7 +391,26 @@ class PPOTrainer(BaseTrainer):
         metrics.update(self._domain_metrics(indices, rollout, raw_scores, kl_sum))
         if config.groups != "none":
             metrics.update(self._group_metrics(indices, probs, signal, kl_sum, kl_coef))
+            metrics.update(prompt_metrics)
+            metrics.update(self._group_shares(probs, raw_scores))
         return experience, metrics
+
+    def _prompt_group_assignment(self, indices: list[int], raw_scores: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """The prompt groups' assignment of each sample (B, M), its prompt's mean reward (B,) as the group signal,
+        and their metrics; the head, the pass-rate EMAs and the sampling weights learn from this batch."""
+        g = self.config.num_generations
+        means = per_prompt_means(raw_scores.float(), g)
+        probs, metrics = self.prompt_groups.observe(indices[::g], means, self.reduce)
+        return probs.repeat_interleave(g, dim=0), means.repeat_interleave(g), metrics
+
+    def _group_shares(self, probs: torch.Tensor, raw_scores: torch.Tensor) -> dict[str, float]:
+        """Per group: its share of the batch's samples and its pass rate (share of samples with reward >= 1:
+        exact answers under the gold reward)."""
+        passed = (raw_scores >= 1.0 - 1e-9).float()
+        shares, pass_rates = G.group_masses(probs, self.reduce), G.soft_group_means(probs, passed, self.reduce)
+        return {**{f"groups/sample_share/{g}": float(v) for g, v in enumerate(shares)},
+                **{f"groups/pass_rate/{g}": float(v) for g, v in enumerate(pass_rates)}}
 
     def _score(self, rollout: Rollout, indices: list[int]) -> torch.Tensor:
         """One reward per sample: the reward model's score, or the reward functions' (gold, Python)."""
@@ -636,7 +679,8 @@ class PPOTrainer(BaseTrainer):
                                                  "critic_scheduler": self.critic_scheduler.state_dict()}
         return {**super().trainer_state(), **critic, "kl_ctl": self.kl_ctl.state_dict(),
                 "score_moments": self.score_moments.state_dict(), "group_returns_ema": self.group_returns_ema,
-                "dro_weights": self.dro_weights, "gain_baseline": gain_baseline}
+                "dro_weights": self.dro_weights, "gain_baseline": gain_baseline,
+                "prompt_groups": self.prompt_groups.state_dict() if self.prompt_groups is not None else None}
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
         super().load_trainer_state(state)
@@ -647,6 +691,8 @@ class PPOTrainer(BaseTrainer):
         self.score_moments.load_state_dict(state["score_moments"])
         self.group_returns_ema, self.dro_weights = state["group_returns_ema"], state["dro_weights"]
         self.gain_baseline = state["gain_baseline"]
+        if self.prompt_groups is not None:
+            self.prompt_groups.load_state_dict(state["prompt_groups"])
 
     # With fsdp, checkpoints hold full weights and full optimizer states (keyed by parameter name), as one
     # process would save them; every process reads them back and keeps its shards. Under DeepSpeed they hold the

@@ -349,6 +349,16 @@ def logprobs_and_values(policy, heads, rollout: Rollout, temperature: float, wit
     return logprobs, entropy, values[:, -width - 1:-1].float(), group_logits.float()
 
 
+@torch.no_grad()
+def prompt_states(policy, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """The policy decoder's last hidden state at each (left-padded) query's last token: (P, H), float32, no
+    gradient (what a prompt group head reads)."""
+    decoder, _ = causal_lm_parts(policy)
+    hidden = decoder(input_ids=query_ids, attention_mask=query_mask, **_one_shot(decoder),
+                     position_ids=position_ids_from_mask(query_mask)).last_hidden_state
+    return hidden[:, -1].float()
+
+
 def sampled_values(heads, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
     """What :func:`logprobs_and_values` gives for values (B, Tr) and group logits (B, M), read by ``heads``
     from the hidden states recorded while sampling (``Rollout.sampled_states``): no forward of the policy."""

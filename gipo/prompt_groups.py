@@ -1,0 +1,163 @@
+"""Groups of prompts for the critic-free estimators: which group a prompt is in, which prompts fill the next
+batch, and what carries over between iterations (the group head and its optimizer, per-prompt pass-rate EMAs,
+the sampling weights), all of it in checkpoints.
+
+Without a critic a prompt's G samples measure its performance directly: the mean reward of its samples (its
+pass rate under a verifiable 0/1 reward, its mean gold under the built-in suites). Three sources of groups:
+- ``inferred``: the paper's group inference with that per-prompt mean in place of the critic's return. A linear
+  head reads the policy's hidden state at the prompt's last token (detached: the head never trains the policy)
+  and is trained to maximize the mass-weighted between-group variance of the per-prompt means;
+- ``difficulty``: Prompt-GDRO's bins (Panaganti et al., 2026) of an EMA of each prompt's mean reward;
+- ``oracle``: the data's labels.
+With ``group_sampling`` the groups decide which prompts fill the next batch: multiplicative weights on an EMA
+of each group's mean loss (the negative mean reward), mixed with the uniform distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gipo import distributed as dist
+from gipo import groups as G
+from gipo.config import PPOConfig
+from gipo.data import EpochSampler
+
+# Candidates drawn per prompt of the batch when sampling by group weights: enough for a group with a small share
+# of the data to be found among them.
+POOL_FACTOR = 4
+
+
+def per_prompt_means(values: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """(B,) sample values, a prompt's G samples side by side -> (P,) per-prompt means."""
+    return values.view(-1, num_generations).mean(dim=1)
+
+
+def train_group_head(head: nn.Module, optimizer: torch.optim.Optimizer, states: torch.Tensor, signal: torch.Tensor,
+                     steps: int, reduce: dist.Reduce = dist.local_sum) -> float:
+    """``steps`` gradient steps of the head toward the largest mass-weighted between-group variance of ``signal``
+    (P,) given ``states`` (P, H); returns that variance before the last step. Under several processes each
+    process holds its own prompts and a copy of the head: the variance is over all of them, and the gradients
+    are averaged so that every copy takes the same step."""
+    r_var = torch.zeros(())
+    states, signal = states.detach(), signal.detach()
+    with torch.enable_grad():  # called while a rollout is collected, under no_grad
+        for _ in range(steps):
+            probs = F.softmax(head(states), dim=-1)
+            r_var = G.invariance_violation(probs, signal, "mass", reduce)
+            optimizer.zero_grad(set_to_none=True)
+            (-r_var).backward()
+            if dist.world_size() > 1:
+                for parameter in head.parameters():
+                    parameter.grad = dist.global_sum(parameter.grad) / dist.world_size()
+            optimizer.step()
+    return float(r_var)
+
+
+class DifficultyTracker:
+    """An EMA of each prompt's mean reward; a prompt not seen yet takes the mean of those seen (0.5 at first)."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.rates: dict[int, float] = {}
+
+    def pass_rates(self, indices: list[int]) -> torch.Tensor:
+        prior = sum(self.rates.values()) / len(self.rates) if self.rates else 0.5
+        return torch.tensor([self.rates.get(i, prior) for i in indices])
+
+    def update(self, indices: list[int], means: list[float]) -> None:
+        for index, mean in zip(indices, means, strict=True):
+            old = self.rates.get(index)
+            self.rates[index] = mean if old is None else self.decay * old + (1 - self.decay) * mean
+
+
+class PromptGroups:
+    """The group side of a critic-free run. ``labels(indices)`` gives the data's group index of prompts;
+    ``states(indices)`` the policy's hidden states at their last tokens (for the inferred head)."""
+
+    def __init__(self, config: PPOConfig, num_groups: int, hidden_size: int,
+                 labels: Callable[[list[int]], torch.Tensor], states: Callable[[list[int]], torch.Tensor],
+                 device: torch.device):
+        self.config, self.num_groups, self.device = config, num_groups, device
+        self.labels, self.states = labels, states
+        self.head: nn.Module | None = None
+        if config.groups == "inferred":
+            self.head = nn.Linear(hidden_size, num_groups).to(device)
+            nn.init.normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+            self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=config.group_head_learning_rate)
+        self.difficulty = DifficultyTracker(config.difficulty_ema)
+        self.weights = torch.full((num_groups,), 1.0 / num_groups)
+        self.loss_ema = torch.zeros(num_groups)
+        self.seen = torch.zeros(num_groups, dtype=torch.bool)
+
+    # --- which prompts ----------------------------------------------------------------------------------
+    def choose_prompts(self, sampler: EpochSampler, n: int, step: int) -> list[int]:
+        """The next batch's prompts: the sampler's next ``n``, or with ``group_sampling``, ``n`` of the next
+        ``POOL_FACTOR * n`` chosen by the group weights. Every process chooses the same (the draw is seeded by
+        the step)."""
+        if not self.config.group_sampling:
+            return sampler.next_batch(n)
+        candidates = sampler.next_batch(POOL_FACTOR * n)
+        groups = self.assign(candidates).argmax(-1).tolist()
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + step)
+        return [candidates[p] for p in G.select_by_group_weights(groups, self.weights, n, generator)]
+
+    def assign(self, indices: list[int], states: torch.Tensor | None = None) -> torch.Tensor:
+        """Each prompt's group assignment (P, M): the head's soft one, a one-hot bin or label."""
+        if self.config.groups == "inferred":
+            with torch.no_grad():
+                states = self.states(indices) if states is None else states
+                return F.softmax(self.head(states.float()), dim=-1)
+        if self.config.groups == "difficulty":
+            groups = G.difficulty_bins(self.difficulty.pass_rates(indices), self.num_groups)
+        else:
+            groups = self.labels(indices)
+        return F.one_hot(groups, self.num_groups).float().to(self.device)
+
+    # --- learning from a batch --------------------------------------------------------------------------
+    def observe(self, indices: list[int], means: torch.Tensor,
+                reduce: dist.Reduce = dist.local_sum) -> tuple[torch.Tensor, dict[str, float]]:
+        """One batch's prompts (this process's) and their mean rewards (P,): returns their assignment (P, M) for
+        the policy's objective and the KL, and moves the head, the pass-rate EMAs and the sampling weights."""
+        metrics: dict[str, float] = {}
+        states = None
+        if self.head is not None:  # the head learns first, then assigns: as the critic's head does in PPO
+            states = self.states(indices)
+            metrics["groups/head_r_var"] = train_group_head(self.head, self.head_optimizer, states, means,
+                                                            self.config.group_head_steps, reduce)
+        probs = self.assign(indices, states)  # difficulty: the bins the prompts were drawn in
+        if self.config.groups == "difficulty":
+            every = dist.gather_objects((indices, means.tolist()))  # every process keeps every prompt's EMA
+            for part_indices, part_means in every:
+                self.difficulty.update(part_indices, part_means)
+        observed = G.group_masses(probs, reduce) > 0
+        group_losses = -G.soft_group_means(probs, means, reduce).cpu()
+        self.loss_ema = G.update_loss_ema(self.loss_ema, group_losses, observed.cpu(), self.seen,
+                                          self.config.difficulty_ema)
+        self.seen = self.seen | observed.cpu()
+        if self.config.group_sampling:
+            self.weights = G.update_sampling_weights(self.weights, self.loss_ema, self.seen,
+                                                     self.config.group_sampling_step_size,
+                                                     self.config.group_sampling_floor)
+            metrics.update({f"groups/sampling_weight/{g}": float(w) for g, w in enumerate(self.weights)})
+        return probs, metrics
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"weights": self.weights, "loss_ema": self.loss_ema, "seen": self.seen,
+                                 "difficulty": dict(self.difficulty.rates)}
+        if self.head is not None:
+            state.update(head=self.head.state_dict(), head_optimizer=self.head_optimizer.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights, self.loss_ema, self.seen = state["weights"], state["loss_ema"], state["seen"]
+        self.difficulty.rates = dict(state["difficulty"])
+        if self.head is not None:
+            self.head.load_state_dict(state["head"])
+            self.head_optimizer.load_state_dict(state["head_optimizer"])
