@@ -55,7 +55,7 @@ def train_group_head(head: nn.Module, optimizer: torch.optim.Optimizer, states: 
                 for parameter in head.parameters():
                     parameter.grad = dist.global_sum(parameter.grad) / dist.world_size()
             optimizer.step()
-    return float(r_var)
+    return float(r_var.detach())
 
 
 class DifficultyTracker:

@@ -91,7 +91,8 @@ RANKED = {"reward": "gold", "num_generations": 4, "reuse_generation_logprobs": F
 @pytest.mark.parametrize(("method", "extra"), [("ppo", {}), ("gipo", {}), ("oracle_dro", {}),
                                                ("gipo", {"lora_r": 4, "gradient_checkpointing": True}),
                                                ("ppo", {"fsdp": True}), ("gipo", {"fsdp": True}),
-                                               ("grpo", RANKED), ("rloo", RANKED)])
+                                               ("grpo", RANKED), ("rloo", RANKED), ("grpo_gipo", RANKED),
+                                               ("grpo_prompt_gdro", RANKED)])
 def test_two_processes_match_one_process_with_the_global_batch(tiny_pipeline, tmp_path, method, extra):
     extra = dict(extra)
     entry = ENTRIES[extra.pop("_entry", "gipo")]
@@ -100,8 +101,8 @@ def test_two_processes_match_one_process_with_the_global_batch(tiny_pipeline, tm
     _run(["train", "--out", str(tmp_path / "two"), "--set=max_steps=4", *settings], processes=2, entry=entry)
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert len(one) == 4 and "loss/policy_avg" in one[-1]
-    assert any(k.startswith("groups/return/") for k in one[-1]) == (method in ("gipo", "oracle_dro"))
-    if method in ("grpo", "rloo"):  # every prompt's samples got different rewards, so there is a gradient
+    assert any(k.startswith("groups/return/") for k in one[-1]) == (method not in ("ppo", "grpo", "rloo"))
+    if method not in ("ppo", "gipo", "oracle_dro"):  # every prompt's samples got different rewards, so there is a gradient
         assert one[-1]["objective/frac_reward_zero_std"] == 0.0 and one[-1]["policy/grad_norm"] > 1e-3
     _assert_same_metrics(one, two)
     _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")

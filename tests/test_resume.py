@@ -34,6 +34,8 @@ CRITIC_FREE = {"reward": "gold", "num_generations": 4, "adaptive_kl": False}
 @pytest.mark.parametrize(("method", "extra"), [
     ("ppo", {}), ("gipo_gain", {}), ("gipo", {"lora_r": 4}), ("gipo", {"shared_critic": True}),
     ("grpo", {**CRITIC_FREE, "filter_zero_std": True}), ("rloo", CRITIC_FREE),
+    ("grpo_gipo", CRITIC_FREE), ("grpo_prompt_gdro", CRITIC_FREE),
+    ("custom", {**CRITIC_FREE, "estimator": "grpo", "groups": "inferred", "group_sampling": True}),
     ("custom", {**CRITIC_FREE, "estimator": "grpo", "groups": "oracle", "group_objective": "dro",
                 "dro_step_size": 0.1, "group_kl": True})])
 def test_ppo_resume_equals_uninterrupted(tiny_pipeline, tmp_path, method, extra):
@@ -47,6 +49,13 @@ def test_ppo_resume_equals_uninterrupted(tiny_pipeline, tmp_path, method, extra)
                     resumed.critic.parameters() if resumed.critic else [], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(straight.dro_weights, resumed.dro_weights)
+    if straight.prompt_groups is not None:  # sampling weights, EMAs and the prompt head came back
+        first, second = straight.prompt_groups.state_dict(), resumed.prompt_groups.state_dict()
+        torch.testing.assert_close(first["weights"], second["weights"])
+        torch.testing.assert_close(first["loss_ema"], second["loss_ema"])
+        assert first["difficulty"] == pytest.approx(second["difficulty"])
+        if "head" in first:
+            torch.testing.assert_close(first["head"], second["head"])
     assert straight.kl_ctl.value == pytest.approx(resumed.kl_ctl.value)
     rows_straight, rows_resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "split")
     assert [r["step"] for r in rows_resumed] == [1, 2, 3, 4]
