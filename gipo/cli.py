@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                          + ", ".join([m for m in METHOD_PRESETS if m != "custom"] + list(DPO_METHODS))
                          + " (default: ppo,gipo).")
     compare.add_argument("--seeds", type=int, default=None, help="Seeds per method (default 3; 2 with --quick).")
+    compare.add_argument("--first-seed", type=int, default=0, help="Train only seeds FIRST .. FIRST+SEEDS-1 and "
+                         "write no report (share a compare's seeds between processes; then report with a call "
+                         "without it).")
     compare.add_argument("--sweep", metavar="KEY=V1,V2,...", help="Run each PPO-family method once per value.")
     compare.add_argument("--quick", action="store_true", help="A small budget that finishes in minutes.")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -169,7 +172,10 @@ def run_compare_command(args: argparse.Namespace) -> None:
     seeds = args.seeds if args.seeds is not None else (2 if args.quick else 3)
     if seeds < 1:
         raise ConfigError("--seeds must be at least 1.")
-    run_compare(args.out, methods, seeds, overrides, sweep=sweep, quick=args.quick, judge=args.judge)
+    if args.first_seed < 0:
+        raise ConfigError("--first-seed must be 0 or more.")
+    run_compare(args.out, methods, seeds, overrides, sweep=sweep, quick=args.quick, judge=args.judge,
+                first_seed=args.first_seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -248,8 +248,12 @@ def quick_budget(sft: dict, rm: dict, ppo: dict, dpo: dict) -> None:
 
 def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict[str, dict[str, Any]], *,
                 sweep: tuple[str, list[Any]] | None = None, quick: bool = False, judge: str | None = None,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train and evaluate every run on every seed (reusing finished ones); write summary and reports."""
+                first_seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Train and evaluate every run on every seed (reusing finished ones); write summary and reports.
+
+    With ``first_seed`` > 0 only seeds ``first_seed .. first_seed + seeds - 1`` are trained, and nothing is
+    reported (None is returned): so that several processes or machines can share the seeds of one compare, and
+    a last call without it reports on all of them, reusing every finished run."""
     from gipo.dpo import DPOTrainer
     from gipo.ppo import PPOTrainer
     from gipo.reward import RewardTrainer
@@ -268,7 +272,7 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
     runs = plan_runs(methods, sweep)
     all_rows: dict[str, list] = {r.name: [] for r in runs}
     per_seed: dict[str, list] = {r.name: [] for r in runs}
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         seed_dir = out / f"seed-{seed}"
         sft_dir, rm_dir = seed_dir / "sft", seed_dir / "rm"
         sft_cfg = build_config(SFTConfig, {**sft_o, "seed": seed})
@@ -297,6 +301,10 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
                     evaluate_run(run_dir, eval_config)
             per_seed[run.name].append(seed_figures(run_dir, sft_rows))
             all_rows[run.name].append(_read_rows(run_dir / "eval_rows.jsonl"))
+    if first_seed:
+        log(f"Trained seeds {first_seed} to {first_seed + seeds - 1} under {out}; report with --seeds "
+            f"{first_seed + seeds} and no --first-seed.")
+        return None
     names = [r.name for r in runs]
     summary = {"methods": {name: aggregate(per_seed[name]) for name in names},
                "win_rates": win_rates(names, all_rows),

@@ -203,3 +203,13 @@ def test_a_kl_sweep_reports_the_frontier_and_the_matched_kl_table(tmp_path):
     report = (tmp_path / "sweep-kl_coef" / "report.md").read_text()
     assert "At matched KL" in report and "kl_frontier.png" in report
     assert (tmp_path / "sweep-kl_coef" / "kl_frontier.png").stat().st_size > 1000
+
+
+def test_seeds_shared_between_processes_then_reported_together(tmp_path):
+    assert run_compare(tmp_path, ["ppo"], 1, TINY, first_seed=1, log=lambda _: None) is None
+    assert (tmp_path / "seed-1" / "ppo" / "eval.json").exists() and not (tmp_path / "seed-0").exists()
+    assert not (tmp_path / "summary.json").exists()
+    stamp = (tmp_path / "seed-1" / "ppo" / "eval.json").stat().st_mtime_ns
+    summary = run_compare(tmp_path, ["ppo"], 2, TINY, log=lambda _: None)
+    assert summary["methods"]["ppo"]["seeds"] == 2
+    assert (tmp_path / "seed-1" / "ppo" / "eval.json").stat().st_mtime_ns == stamp  # reused, not retrained
