@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gipo.config import EvalConfig, PPOConfig, RewardConfig, SFTConfig
+from gipo.environment import ENVIRONMENT_FILE, describe_environment
 from gipo.evaluation import evaluate_run
 from gipo.ppo import PPOTrainer
 from gipo.report import comparison_table, plot_training
@@ -53,5 +54,8 @@ def run_pipeline(out: str | Path, sft: SFTConfig, rm: RewardConfig, ppo: PPOConf
         + f" (all {results['rm']['accuracy']:.2f})")
     log(f"\nPer-domain gold and proxy reward, after SFT and after RL ({ppo.method}):")
     log(comparison_table({"sft": results["sft"], ppo.method: results["ppo"]}))
+    # Printed with the table: these numbers reproduce bit for bit only where this line reads the same.
+    environment = json.loads((ppo_dir / ENVIRONMENT_FILE).read_text())
+    log(f"\nNumerics: {describe_environment(environment)} (in {ppo_dir / ENVIRONMENT_FILE})")
     log(f"\nPlot: {plot}\nRuns: {sft_dir}, {rm_dir}, {ppo_dir}")
     return results

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from gipo import checkpoint as ckpt
 from gipo import distributed as dist
 from gipo.config import ConfigError, RunConfig, read_yaml, save_config
+from gipo.environment import write_environment
 from gipo.tracking import MetricsLogger
 
 
@@ -349,7 +350,7 @@ class BaseTrainer:
             if not self.overwrite:
                 raise RunDirError(f"Run directory {out} already holds a run. Pass --resume to continue it or "
                                   "--overwrite to replace it.")
-            for name in ("checkpoints", "final", "tensorboard", "metrics.jsonl", "eval.json"):
+            for name in ("checkpoints", "final", "tensorboard", "metrics.jsonl", "eval.json", "environment.json"):
                 target = out / name
                 if target.is_dir():
                     shutil.rmtree(target)
@@ -459,6 +460,9 @@ class BaseTrainer:
         main = dist.is_main_process()
         if main:
             self._save_config()
+            # The same code, config and seed give other numbers on a CPU with other kernels (or other library
+            # versions): the record tells two runs' environments apart.
+            write_environment(self.output_dir, self.device, resume=latest is not None)
         logger = MetricsLogger(self.output_dir, resume_step=self.step if latest is not None else None) if main else None
         bar = tqdm(total=self.config.max_steps, initial=self.step, desc=f"gipo {self.stage}",
                    disable=not (self.config.progress and main), dynamic_ncols=True)
