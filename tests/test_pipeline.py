@@ -54,8 +54,10 @@ def test_every_method_trains_and_logs(tiny_pipeline, tmp_path, method):
     rows = _metrics(tmp_path / method)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("objective/scores", "objective/entropy", "policy/approxkl_avg", "policy/clipfrac_avg",
-                "loss/policy_avg", "domain/gold/copy"):
+                "loss/policy_avg"):
         assert key in rows[-1], key
+    # With 8 samples per prompt a batch of 8 holds one prompt: some domain, not every one.
+    assert any(k.startswith("domain/gold/") for k in rows[-1])
     assert ("objective/kl" in rows[-1]) == (config.kl_coef > 0)  # kl_coef=0 holds no reference to measure it
     assert ("loss/value_avg" in rows[-1]) == config.uses_critic
     assert ("objective/frac_reward_zero_std" in rows[-1]) == (config.num_generations > 1)
