@@ -16,6 +16,9 @@ always does; gipo ``stop_on_eos=True``), no truncation masking; AdamW at a const
 clipping at 1; fp32 on the CPU, no gradient checkpointing, no dropout, no logging during the timed steps.
 
     python benchmarks/grpo_throughput.py --threads 1 --json benchmarks/results/grpo_throughput.json
+    # benchmarks/results/grpo_throughput.json (the defaults take hours on a loaded 2-core machine):
+    python benchmarks/grpo_throughput.py --threads 1 --repeats tiny=3,smollm2=2 --iterations tiny=10,smollm2=3 \
+        --json benchmarks/results/grpo_throughput.json
     python benchmarks/grpo_throughput.py --settings tiny --betas 0 --repeats 1 --iterations 3   # smoke run
     python benchmarks/grpo_throughput.py --settings smollm2 --betas 0 --repeats 1 --profile     # where time goes
     python benchmarks/grpo_throughput.py --no-critic-cost                                      # only gipo vs TRL
@@ -477,7 +480,8 @@ def benchmark(args) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="grpo_throughput-"))
     report: dict = {"settings": {}, "meta": {"repeats": args.repeats, "threads": args.threads, "seed": args.seed,
                                               "betas": args.betas, "trl": trl.__version__,
-                                              "gipo_set": args.gipo_set}}
+                                              "gipo_set": args.gipo_set, "argv": sys.argv[1:],
+                                              "load_average_at_start": os.getloadavg()}}
     try:
         for name in args.settings:
             spec = prepare(name, work, args)
@@ -500,6 +504,7 @@ def benchmark(args) -> dict:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+    report["meta"]["load_average_at_end"] = os.getloadavg()  # other work on the machine skews every timing
     return report
 
 
