@@ -212,8 +212,8 @@ def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     """Top-k, then top-p (nucleus) filtering of (B, V) scores, exactly as HF's warpers do it: filtered
     tokens get -inf; ties at the k-th score are kept; top-p keeps the smallest set of the most likely tokens
     whose mass reaches ``top_p`` (at least one)."""
-    if top_k:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1]))[0][..., -1, None]
+    if top_k and top_k < scores.shape[-1]:  # k >= the vocabulary keeps every token: no topk to pay for
+        kth = torch.topk(scores, top_k)[0][..., -1, None]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
         sorted_scores, sorted_indices = torch.sort(scores, descending=False)

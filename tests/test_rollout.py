@@ -170,6 +170,8 @@ def test_top_k_top_p_on_hand_made_logits():
     assert torch.equal(filter_logits(logits[:1], top_p=0.8), torch.tensor([[2.0, inf, inf, inf, 3.0]]))
     assert torch.equal(filter_logits(logits[:1], top_p=0.95), torch.tensor([[2.0, 1.0, inf, inf, 3.0]]))
     assert torch.equal(filter_logits(logits[:1], top_k=3, top_p=0.8), torch.tensor([[2.0, inf, inf, inf, 3.0]]))
+    # k at or beyond the vocabulary keeps every token (and runs no topk).
+    assert torch.equal(filter_logits(logits, top_k=5), logits) and torch.equal(filter_logits(logits, top_k=9), logits)
     assert torch.equal(filter_logits(logits, top_p=1.0), logits)
     # The same as HF's warpers.
     hf = transformers.TopPLogitsWarper(0.8)(None, transformers.TopKLogitsWarper(3)(None, logits))
