@@ -27,6 +27,7 @@ from gipo.config import (
     build_config,
 )
 from gipo.evaluation import evaluate_run
+from gipo.tasks import EXACT
 from gipo.tracking import read_metrics
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96).
@@ -103,10 +104,6 @@ def proxy_gold_gap(rows: list[dict[str, Any]], sft_rows: list[dict[str, Any]]) -
         return (sum(r[key] for r in rows) / len(rows) - sum(base) / len(base)) / _std(base)
 
     return standardized_gain("reward") - standardized_gain("gold")
-
-
-EXACT = 1.0 - 1e-9
-"""A gold reward of 1 is an exact answer (gold is 1 - normalized edit distance on the built-in suites)."""
 
 
 def pass_rates(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -61,7 +61,7 @@ from gipo.rollout import (
     response_logprobs,
     sampled_values,
 )
-from gipo.tasks import get_task
+from gipo.tasks import EXACT, get_task
 from gipo.trainer import BaseTrainer, check_finite, make_optimizer
 
 
@@ -407,7 +407,7 @@ class PPOTrainer(BaseTrainer):
     def _group_shares(self, probs: torch.Tensor, raw_scores: torch.Tensor) -> dict[str, float]:
         """Per group: its share of the batch's samples and its pass rate (share of samples with reward >= 1:
         exact answers under the gold reward)."""
-        passed = (raw_scores >= 1.0 - 1e-9).float()
+        passed = (raw_scores >= EXACT).float()
         shares, pass_rates = G.group_masses(probs, self.reduce), G.soft_group_means(probs, passed, self.reduce)
         return {**{f"groups/sample_share/{g}": float(v) for g, v in enumerate(shares)},
                 **{f"groups/pass_rate/{g}": float(v) for g, v in enumerate(pass_rates)}}
@@ -501,7 +501,9 @@ class PPOTrainer(BaseTrainer):
         """Per true domain (reporting only): score, KL (with a reference) and, where the task has one, gold reward."""
         task = self.task
         quantities = {"score": raw_scores, **({"kl": kl_sum} if kl_sum is not None else {})}
-        if task is not None:
+        if self.config.reward == "gold":  # the score is the gold reward: no second decode and scoring
+            quantities["gold"] = raw_scores
+        elif task is not None:
             texts = decode_responses(self.tokenizer, rollout)
             quantities["gold"] = raw_scores.new_tensor([task.gold_reward(self.records[i], text)
                                                         for i, text in zip(indices, texts, strict=True)])

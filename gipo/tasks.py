@@ -79,6 +79,10 @@ def edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
+EXACT = 1.0 - 1e-9
+"""A reward of at least this is an exact answer (the built-in gold is 1 - normalized edit distance)."""
+
+
 def similarity(response: str, target: str) -> float:
     """1 - normalized edit distance: 1 for an exact answer, 0 for nothing in common."""
     longest = max(len(response), len(target), 1)
