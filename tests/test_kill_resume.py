@@ -203,17 +203,23 @@ def _until(server: Server, condition, timeout: float = 60) -> bool:
     pytest.fail(f"timed out waiting for a kill point; log:\n{server.log()}")
 
 
+def _names(folder: Path) -> list[str]:
+    """The entries of a folder the child may be removing right now (a start-over clears the run): [] if gone."""
+    try:
+        return [p.name for p in folder.iterdir()]
+    except FileNotFoundError:
+        return []
+
+
 def _temporaries(run_dir: Path) -> list[str]:
     found = []
     for folder in (run_dir, run_dir / "checkpoints"):
-        if folder.is_dir():
-            found += [p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+        found += [name for name in _names(folder) if ".tmp-" in name or ".old-" in name]
     return sorted(found)
 
 
 def _step_folders(run_dir: Path) -> list[str]:
-    root = run_dir / "checkpoints"
-    return sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) if root.is_dir() else []
+    return sorted(name for name in _names(run_dir / "checkpoints") if name.startswith("step-"))
 
 
 def _latest(run_dir: Path) -> Path | None:
@@ -237,8 +243,7 @@ def _kill_point(mode: str, rng: random.Random, run_dir: Path, ready: Path, serve
         wanted = nth or rng.randint(1, 5)
 
         def nth_write() -> bool:  # the n-th checkpoint write of this attempt has begun
-            if root.is_dir():
-                seen.update(re.sub(r"^\.|\.tmp-\d+$", "", p.name) for p in root.iterdir() if p.name not in before)
+            seen.update(re.sub(r"^\.|\.tmp-\d+$", "", name) for name in _names(root) if name not in before)
             return len(seen) >= wanted
 
         if not _until(server, nth_write):
@@ -252,7 +257,7 @@ def _kill_point(mode: str, rng: random.Random, run_dir: Path, ready: Path, serve
         time.sleep(rng.uniform(0.0, PAUSE_S * 0.6))
         return not server.ended()
     if mode == "final":
-        if not _until(server, lambda: any(p.name.startswith(".final.tmp-") for p in run_dir.iterdir())):
+        if not _until(server, lambda: any(name.startswith(".final.tmp-") for name in _names(run_dir))):
             return False
         time.sleep(rng.uniform(0.0, PAUSE_S * 0.6))
         return not server.ended()
