@@ -274,9 +274,13 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
         sft_dir, rm_dir = seed_dir / "sft", seed_dir / "rm"
         sft_cfg = build_config(SFTConfig, {**sft_o, "seed": seed})
         rm_cfg = build_config(RewardConfig, {**rm_o, "seed": seed, "model": str(sft_dir / "final")})
-        _train(SFTTrainer, sft_cfg, sft_dir, f"seed {seed}: sft", log)
-        _train(RewardTrainer, rm_cfg, rm_dir, f"seed {seed}: reward model", log)
         eval_config = EvalConfig(eval_prompts=ppo_o.get("eval_prompts", 64), device=sft_cfg.device, judge=judge)
+        # A seed whose runs are all evaluated reports from its files alone: a compare folder kept without its
+        # weights (eval.json, eval_rows.jsonl, metrics.jsonl, config.yaml per run) reports without retraining.
+        evaluated = [sft_dir, *(seed_dir / run.name for run in runs)]
+        if not all((folder / "eval.json").exists() for folder in evaluated):
+            _train(SFTTrainer, sft_cfg, sft_dir, f"seed {seed}: sft", log)
+            _train(RewardTrainer, rm_cfg, rm_dir, f"seed {seed}: reward model", log)
         if not (sft_dir / "eval.json").exists():
             evaluate_run(sft_dir, replace(eval_config, reward_model=str(rm_dir / "final")))
         sft_rows = _read_rows(sft_dir / "eval_rows.jsonl")

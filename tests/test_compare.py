@@ -213,3 +213,18 @@ def test_seeds_shared_between_processes_then_reported_together(tmp_path):
     summary = run_compare(tmp_path, ["ppo"], 2, TINY, log=lambda _: None)
     assert summary["methods"]["ppo"]["seeds"] == 2
     assert (tmp_path / "seed-1" / "ppo" / "eval.json").stat().st_mtime_ns == stamp  # reused, not retrained
+
+
+def test_a_compare_kept_without_weights_reports_without_retraining(tmp_path):
+    import shutil
+
+    summary = run_compare(tmp_path, ["ppo", "dpo"], 1, TINY, log=lambda _: None)
+    for heavy in [*tmp_path.rglob("final"), *tmp_path.rglob("checkpoints")]:
+        shutil.rmtree(heavy)  # what is left is what a results archive keeps: evaluations, metrics, configs
+    messages = []
+    again = run_compare(tmp_path, ["ppo", "dpo"], 1, TINY, log=messages.append)
+    assert not any("training" in m or "resuming" in m for m in messages), messages
+    assert again["methods"] == summary["methods"] and again["win_rates"] == summary["win_rates"]
+    # A method not yet run on that seed brings its SFT model and reward model back (retrained the same way).
+    run_compare(tmp_path, ["ppo", "gipo"], 1, TINY, log=messages.append)
+    assert any("seed 0: sft" in m for m in messages) and (tmp_path / "seed-0" / "gipo" / "eval.json").exists()
