@@ -94,7 +94,7 @@ class DPOTrainer(BaseTrainer):
         if pairs is None:
             pairs = load_or_sample_pairs(config.dataset, self.tokenizer, config.model, config.num_pairs,
                                          config.label_noise_temperature, config.seed, self.device, self.output_dir,
-                                         config.pair_split)
+                                         config.pair_split, progress=config.progress)
         self.encoded = encode_dpo_pairs(self.tokenizer, pairs, config.max_length, config.dataset)
         self.sampler = EpochSampler(len(self.encoded), config.seed)
         # GR-DPO: alpha_g (``group_weights``, uniform at the start, kept in checkpoints) and N_g / N, the groups'

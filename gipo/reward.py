@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from gipo.config import RewardConfig
 from gipo.data import (
@@ -37,13 +38,14 @@ from gipo.trainer import BaseTrainer, check_finite, make_optimizer
 @torch.no_grad()
 def sample_preference_pairs(policy, tokenizer, task: Task, num_pairs: int, noise_temperature: float,
                             seed: int, settings: SamplingSettings, batch_size: int = 256,
-                            device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+                            device: torch.device | str = "cpu", progress: bool = False) -> list[dict[str, Any]]:
     """Up to ``num_pairs`` labelled pairs from two policy samples per training prompt (ties dropped)."""
     rng = random.Random(f"pairs/{seed}")
     prompts = task.prompts("train", math.ceil(num_pairs / len(task.groups) * 2), seed=seed + 1)
     rng.shuffle(prompts)
     torch.manual_seed(seed)
     pairs: list[dict[str, Any]] = []
+    bar = tqdm(total=num_pairs, desc="gipo pairs", unit="pair", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         ids, mask = pad_left(encode_prompts(tokenizer, [r["prompt"] for r in batch], 512, task.name),
@@ -60,13 +62,18 @@ def sample_preference_pairs(policy, tokenizer, task: Task, num_pairs: int, noise
             (chosen, gold_chosen), (rejected, gold_rejected) = ((a, gold_a), (b, gold_b))[:: 1 if a_wins else -1]
             pairs.append({"prompt": record["prompt"], "group": record["group"], "chosen": chosen,
                           "rejected": rejected, "gold_chosen": gold_chosen, "gold_rejected": gold_rejected})
+            bar.update()
             if len(pairs) >= num_pairs:
-                return pairs
+                break
+        if len(pairs) >= num_pairs:
+            break
+    bar.close()
     return pairs
 
 
 def load_or_sample_pairs(dataset: str, tokenizer, policy_path: str, num_pairs: int, noise_temperature: float,
-                         seed: int, device: torch.device, out_dir: Path, split: str = "train") -> list[dict[str, Any]]:
+                         seed: int, device: torch.device, out_dir: Path, split: str = "train",
+                         progress: bool = False) -> list[dict[str, Any]]:
     """Pairs of ``split`` of a file or dataset id; for a task, sampled from ``policy_path`` and saved to
     ``out_dir/pairs.jsonl``."""
     task = get_task(dataset)
@@ -74,7 +81,7 @@ def load_or_sample_pairs(dataset: str, tokenizer, policy_path: str, num_pairs: i
         return load_preference_pairs(dataset, split)
     policy = load_causal_lm(policy_path).to(device)
     pairs = sample_preference_pairs(policy, tokenizer, task, num_pairs, noise_temperature, seed, SamplingSettings(),
-                                    device=device)
+                                    device=device, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "pairs.jsonl").open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(p) + "\n" for p in pairs)
@@ -116,7 +123,7 @@ class RewardTrainer(BaseTrainer):
         if pairs is None:
             pairs = load_or_sample_pairs(config.dataset, self.tokenizer, config.model, config.num_pairs,
                                          config.label_noise_temperature, config.seed, self.device, self.output_dir,
-                                         config.pair_split)
+                                         config.pair_split, progress=config.progress)
         if config.long_examples == "shorten":
             pairs, self.shortened = fit_to_length(self.tokenizer, pairs, config.max_length)
         self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
