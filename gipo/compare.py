@@ -9,6 +9,7 @@ sweep, under ``OUT/sweep-KEY/``, so a sweep can reuse a compare's SFT and reward
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from gipo.config import (
 )
 from gipo.evaluation import evaluate_run
 from gipo.tasks import EXACT
-from gipo.tracking import read_metrics
+from gipo.tracking import read_metrics, read_text_or_gzip
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -84,7 +85,8 @@ def max_gold_drop(metrics: list[dict[str, Any]]) -> float | None:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    text = read_text_or_gzip(path)
+    return [json.loads(line) for line in text.splitlines()] if text is not None else []
 
 
 def _std(values: list[float]) -> float:
@@ -324,6 +326,36 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
     write_compare_report(out, summary, names, seeds, report_dir)
     log(f"Wrote {report_dir / 'summary.json'}, {report_dir / 'report.md'}, {report_dir / 'report.html'}")
     return summary
+
+
+ARCHIVED = ("config.yaml", "environment.json", "eval.json", "eval_rows.jsonl", "metrics.jsonl")
+"""What a compare reports from, per run: kept by :func:`archive_results`, the two ``.jsonl`` compressed."""
+
+
+def archive_results(out: str | Path, dest: str | Path) -> list[Path]:
+    """Copy what the compare under ``out`` reports from (no weights, checkpoints or pairs) to ``dest``.
+
+    ``gipo compare --out DEST`` with the same methods and seeds then reports without retraining, and a compare
+    with more methods or seeds continues from it (retraining a seed's SFT model and reward model only where a
+    new run needs them). Returns the files written."""
+    out, dest = Path(out), Path(dest)
+    written = []
+    for eval_file in sorted(out.glob("seed-*/*/eval.json")):
+        run_dir = eval_file.parent
+        target = dest / run_dir.relative_to(out)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED:
+            source = run_dir / name
+            if not source.exists():
+                continue
+            data = source.read_bytes()
+            if name.endswith(".jsonl"):
+                written.append(target / f"{name}.gz")
+                written[-1].write_bytes(gzip.compress(data, mtime=0))
+            else:
+                written.append(target / name)
+                written[-1].write_bytes(data)
+    return written
 
 
 def _train(trainer_cls, config, run_dir: Path, label: str, log: Callable[[str], None]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -9,11 +10,20 @@ from pathlib import Path
 from typing import Any
 
 
+def read_text_or_gzip(path: Path) -> str | None:
+    """The text of ``path``, or of ``path.gz`` where only a compressed copy was kept (a results archive)."""
+    if path.exists():
+        return path.read_text(encoding="utf-8")
+    packed = path.with_name(path.name + ".gz")
+    return gzip.decompress(packed.read_bytes()).decode("utf-8") if packed.exists() else None
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
+    text = read_text_or_gzip(path)
+    if text is None:
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

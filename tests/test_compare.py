@@ -9,6 +9,7 @@ import pytest
 
 from gipo.cli import main
 from gipo.compare import (
+    archive_results,
     interpolate,
     matched_kl_differences,
     max_gold_drop,
@@ -215,16 +216,15 @@ def test_seeds_shared_between_processes_then_reported_together(tmp_path):
     assert (tmp_path / "seed-1" / "ppo" / "eval.json").stat().st_mtime_ns == stamp  # reused, not retrained
 
 
-def test_a_compare_kept_without_weights_reports_without_retraining(tmp_path):
-    import shutil
-
-    summary = run_compare(tmp_path, ["ppo", "dpo"], 1, TINY, log=lambda _: None)
-    for heavy in [*tmp_path.rglob("final"), *tmp_path.rglob("checkpoints")]:
-        shutil.rmtree(heavy)  # what is left is what a results archive keeps: evaluations, metrics, configs
+def test_an_archived_compare_reports_without_retraining(tmp_path):
+    summary = run_compare(tmp_path / "run", ["ppo", "dpo"], 1, TINY, log=lambda _: None)
+    written = archive_results(tmp_path / "run", tmp_path / "kept")
+    assert {p.name for p in written} >= {"eval.json", "eval_rows.jsonl.gz", "metrics.jsonl.gz", "config.yaml"}
+    assert not list((tmp_path / "kept").rglob("*.safetensors")) and not list((tmp_path / "kept").rglob("pairs*"))
     messages = []
-    again = run_compare(tmp_path, ["ppo", "dpo"], 1, TINY, log=messages.append)
+    again = run_compare(tmp_path / "kept", ["ppo", "dpo"], 1, TINY, log=messages.append)
     assert not any("training" in m or "resuming" in m for m in messages), messages
     assert again["methods"] == summary["methods"] and again["win_rates"] == summary["win_rates"]
-    # A method not yet run on that seed brings its SFT model and reward model back (retrained the same way).
-    run_compare(tmp_path, ["ppo", "gipo"], 1, TINY, log=messages.append)
-    assert any("seed 0: sft" in m for m in messages) and (tmp_path / "seed-0" / "gipo" / "eval.json").exists()
+    # A method not yet run on that seed brings back its SFT model and reward model (retrained the same way).
+    run_compare(tmp_path / "kept", ["ppo", "gipo"], 1, TINY, log=messages.append)
+    assert any("seed 0: sft" in m for m in messages) and (tmp_path / "kept" / "seed-0" / "gipo" / "eval.json").exists()
