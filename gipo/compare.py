@@ -348,13 +348,10 @@ def archive_results(out: str | Path, dest: str | Path) -> list[Path]:
             source = run_dir / name
             if not source.exists():
                 continue
-            data = source.read_bytes()
-            if name.endswith(".jsonl"):
-                written.append(target / f"{name}.gz")
-                written[-1].write_bytes(gzip.compress(data, mtime=0))
-            else:
-                written.append(target / name)
-                written[-1].write_bytes(data)
+            packed = name.endswith(".jsonl")
+            copy = target / (f"{name}.gz" if packed else name)
+            copy.write_bytes(gzip.compress(source.read_bytes(), mtime=0) if packed else source.read_bytes())
+            written.append(copy)
     return written
 
 

@@ -45,30 +45,27 @@ def sample_preference_pairs(policy, tokenizer, task: Task, num_pairs: int, noise
     rng.shuffle(prompts)
     torch.manual_seed(seed)
     pairs: list[dict[str, Any]] = []
-    bar = tqdm(total=num_pairs, desc="gipo pairs", unit="pair", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        ids, mask = pad_left(encode_prompts(tokenizer, [r["prompt"] for r in batch], 512, task.name),
-                             tokenizer.pad_token_id)
-        ids, mask = ids.repeat(2, 1).to(device), mask.repeat(2, 1).to(device)
-        texts = decode_responses(tokenizer, generate(policy, ids, mask, tokenizer.eos_token_id,
-                                                     tokenizer.pad_token_id, settings))
-        for i, record in enumerate(batch):
-            a, b = texts[i], texts[i + len(batch)]
-            gold_a, gold_b = task.gold_reward(record, a), task.gold_reward(record, b)
-            if abs(gold_a - gold_b) < 1e-9:
-                continue
-            a_wins = rng.random() < 1.0 / (1.0 + math.exp(-(gold_a - gold_b) / noise_temperature))
-            (chosen, gold_chosen), (rejected, gold_rejected) = ((a, gold_a), (b, gold_b))[:: 1 if a_wins else -1]
-            pairs.append({"prompt": record["prompt"], "group": record["group"], "chosen": chosen,
-                          "rejected": rejected, "gold_chosen": gold_chosen, "gold_rejected": gold_rejected})
-            bar.update()
-            if len(pairs) >= num_pairs:
-                break
-        if len(pairs) >= num_pairs:
-            break
-    bar.close()
-    return pairs
+    with tqdm(total=num_pairs, desc="gipo pairs", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            ids, mask = pad_left(encode_prompts(tokenizer, [r["prompt"] for r in batch], 512, task.name),
+                                 tokenizer.pad_token_id)
+            ids, mask = ids.repeat(2, 1).to(device), mask.repeat(2, 1).to(device)
+            texts = decode_responses(tokenizer, generate(policy, ids, mask, tokenizer.eos_token_id,
+                                                         tokenizer.pad_token_id, settings))
+            for i, record in enumerate(batch):
+                a, b = texts[i], texts[i + len(batch)]
+                gold_a, gold_b = task.gold_reward(record, a), task.gold_reward(record, b)
+                if abs(gold_a - gold_b) < 1e-9:
+                    continue
+                a_wins = rng.random() < 1.0 / (1.0 + math.exp(-(gold_a - gold_b) / noise_temperature))
+                (chosen, gold_chosen), (rejected, gold_rejected) = ((a, gold_a), (b, gold_b))[:: 1 if a_wins else -1]
+                pairs.append({"prompt": record["prompt"], "group": record["group"], "chosen": chosen,
+                              "rejected": rejected, "gold_chosen": gold_chosen, "gold_rejected": gold_rejected})
+                bar.update()
+                if len(pairs) >= num_pairs:
+                    return pairs
+        return pairs
 
 
 def load_or_sample_pairs(dataset: str, tokenizer, policy_path: str, num_pairs: int, noise_temperature: float,
