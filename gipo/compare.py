@@ -280,11 +280,18 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
         # A seed whose runs are all evaluated reports from its files alone: a compare folder kept without its
         # weights (eval.json, eval_rows.jsonl, metrics.jsonl, config.yaml per run) reports without retraining.
         evaluated = [sft_dir, *(seed_dir / run.name for run in runs)]
+        # Runs on a programmatic reward (reward=gold, python:...) never read the reward model: when none of a
+        # seed's runs does, its pair sampling and reward-model training (a third of a seed's time) are skipped.
+        uses_reward_model = (rm_dir / "final").exists() or any(
+            run.method in DPO_METHODS or {**ppo_o, **run.overrides}.get("reward", PPOConfig.reward) == "model"
+            for run in runs if not (seed_dir / run.name / "eval.json").exists())
         if not all((folder / "eval.json").exists() for folder in evaluated):
             _train(SFTTrainer, sft_cfg, sft_dir, f"seed {seed}: sft", log)
-            _train(RewardTrainer, rm_cfg, rm_dir, f"seed {seed}: reward model", log)
+            if uses_reward_model:
+                _train(RewardTrainer, rm_cfg, rm_dir, f"seed {seed}: reward model", log)
         if not (sft_dir / "eval.json").exists():
-            evaluate_run(sft_dir, replace(eval_config, reward_model=str(rm_dir / "final")))
+            evaluate_run(sft_dir, replace(eval_config, reward_model=str(rm_dir / "final") if uses_reward_model
+                                          else None))
         sft_rows = _read_rows(sft_dir / "eval_rows.jsonl")
         for run in runs:
             run_dir = seed_dir / run.name

@@ -228,3 +228,13 @@ def test_an_archived_compare_reports_without_retraining(tmp_path):
     # A method not yet run on that seed brings back its SFT model and reward model (retrained the same way).
     run_compare(tmp_path / "kept", ["ppo", "gipo"], 1, TINY, log=messages.append)
     assert any("seed 0: sft" in m for m in messages) and (tmp_path / "kept" / "seed-0" / "gipo" / "eval.json").exists()
+
+
+def test_a_compare_on_the_gold_reward_trains_no_reward_model(tmp_path):
+    gold = {**TINY, "ppo": {**TINY["ppo"], "reward": "gold"}}
+    messages = []
+    summary = run_compare(tmp_path, ["grpo", "ppo"], 1, gold, log=messages.append)
+    assert not (tmp_path / "seed-0" / "rm").exists()
+    assert not any("reward model" in m for m in messages), messages
+    assert summary["methods"]["grpo"]["groups"]["add"]["gold"]["mean"] is not None
+    assert summary["methods"]["ppo"]["groups"]["add"]["reward"]["mean"] is None  # no proxy to score with
