@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--quick", action="store_true", help="A small budget that finishes in minutes.")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     compare.add_argument("--out", default="runs/compare", help="Output folder (default: runs/compare).")
+    compare.add_argument("--archive", metavar="DIR", help="After the report, copy what it read (each run's "
+                         "config, evaluation and held-out curves; no weights) to DIR, small enough for git: a later "
+                         "compare with --out a copy of DIR reports again or adds seeds without retraining these.")
     compare.add_argument("--judge", default=None, help="A reward model that judges win rates where the task has "
                          "no gold reward (default: each run's own reward model).")
     return parser
@@ -175,7 +178,7 @@ def run_compare_command(args: argparse.Namespace) -> None:
     if args.first_seed < 0:
         raise ConfigError("--first-seed must be 0 or more.")
     run_compare(args.out, methods, seeds, overrides, sweep=sweep, quick=args.quick, judge=args.judge,
-                first_seed=args.first_seed)
+                first_seed=args.first_seed, archive=args.archive)
 
 
 def main(argv: list[str] | None = None) -> int:

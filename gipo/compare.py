@@ -247,12 +247,14 @@ def quick_budget(sft: dict, rm: dict, ppo: dict, dpo: dict) -> None:
 
 def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict[str, dict[str, Any]], *,
                 sweep: tuple[str, list[Any]] | None = None, quick: bool = False, judge: str | None = None,
-                first_seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+                first_seed: int = 0, archive: str | Path | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Train and evaluate every run on every seed (reusing finished ones); write summary and reports.
 
     With ``first_seed`` > 0 only seeds ``first_seed .. first_seed + seeds - 1`` are trained, and nothing is
     reported (None is returned): so that several processes or machines can share the seeds of one compare, and
-    a last call without it reports on all of them, reusing every finished run."""
+    a last call without it reports on all of them, reusing every finished run. With ``archive``, what the report
+    read is then copied there by :func:`archive_results`."""
     from gipo.dpo import DPOTrainer
     from gipo.ppo import PPOTrainer
     from gipo.reward import RewardTrainer
@@ -332,19 +334,37 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
 
     write_compare_report(out, summary, names, seeds, report_dir)
     log(f"Wrote {report_dir / 'summary.json'}, {report_dir / 'report.md'}, {report_dir / 'report.html'}")
+    if archive:
+        archive_results(out, archive)
+        log(f"Archived the runs' reported files under {archive}")
     return summary
 
 
 ARCHIVED = ("config.yaml", "environment.json", "eval.json", "eval_rows.jsonl", "metrics.jsonl")
 """What a compare reports from, per run: kept by :func:`archive_results`, the two ``.jsonl`` compressed."""
 
+REPORTED_METRICS = ("eval/", "groups/nmi")
+"""The metric keys a report reads (held-out curves, the groups' NMI): all an archive keeps of metrics.jsonl."""
+
+
+def reported_metrics(text: str) -> str:
+    """The lines of a metrics.jsonl, each cut to its step and the keys a report reads; lines with none dropped."""
+    kept = []
+    for line in text.splitlines():
+        row = json.loads(line)
+        reported = {k: v for k, v in row.items() if k.startswith(REPORTED_METRICS)}
+        if reported:
+            kept.append(json.dumps({"step": row["step"], **reported}))
+    return "".join(f"{line}\n" for line in kept)
+
 
 def archive_results(out: str | Path, dest: str | Path) -> list[Path]:
     """Copy what the compare under ``out`` reports from (no weights, checkpoints or pairs) to ``dest``.
 
-    ``gipo compare --out DEST`` with the same methods and seeds then reports without retraining, and a compare
-    with more methods or seeds continues from it (retraining a seed's SFT model and reward model only where a
-    new run needs them). Returns the files written."""
+    Small enough to keep beside a report in git (a run's metrics cut to what the report reads, the row files
+    compressed): ``gipo compare --out DEST`` with the same methods and seeds then reports without retraining, and
+    a compare with more methods or seeds continues from a copy of it (retraining a seed's SFT model and reward
+    model only where a new run needs them). Returns the files written."""
     out, dest = Path(out), Path(dest)
     written = []
     for eval_file in sorted(out.glob("seed-*/*/eval.json")):
@@ -352,12 +372,14 @@ def archive_results(out: str | Path, dest: str | Path) -> list[Path]:
         target = dest / run_dir.relative_to(out)
         target.mkdir(parents=True, exist_ok=True)
         for name in ARCHIVED:
-            source = run_dir / name
-            if not source.exists():
+            text = read_text_or_gzip(run_dir / name)
+            if text is None:
                 continue
+            if name == "metrics.jsonl":
+                text = reported_metrics(text)
             packed = name.endswith(".jsonl")
             copy = target / (f"{name}.gz" if packed else name)
-            copy.write_bytes(gzip.compress(source.read_bytes(), mtime=0) if packed else source.read_bytes())
+            copy.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0) if packed else text.encode("utf-8"))
             written.append(copy)
     return written
 

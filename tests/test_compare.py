@@ -24,6 +24,7 @@ from gipo.compare import (
 from gipo.config import ConfigError, read_yaml
 from gipo.ppo import PPOTrainer
 from gipo.report import write_compare_report
+from gipo.tracking import read_metrics
 
 
 def test_mean_ci_known_values():
@@ -221,6 +222,10 @@ def test_an_archived_compare_reports_without_retraining(tmp_path):
     written = archive_results(tmp_path / "run", tmp_path / "kept")
     assert {p.name for p in written} >= {"eval.json", "eval_rows.jsonl.gz", "metrics.jsonl.gz", "config.yaml"}
     assert not list((tmp_path / "kept").rglob("*.safetensors")) and not list((tmp_path / "kept").rglob("pairs*"))
+    kept_metrics = read_metrics(tmp_path / "kept" / "seed-0" / "ppo" / "metrics.jsonl")
+    full_metrics = read_metrics(tmp_path / "run" / "seed-0" / "ppo" / "metrics.jsonl")
+    assert kept_metrics and all(k == "step" or k.startswith(("eval/", "groups/nmi")) for r in kept_metrics for k in r)
+    assert [r["step"] for r in kept_metrics] == [r["step"] for r in full_metrics if any(k.startswith("eval/") for k in r)]
     messages = []
     again = run_compare(tmp_path / "kept", ["ppo", "dpo"], 1, TINY, log=messages.append)
     assert not any("training" in m or "resuming" in m for m in messages), messages
