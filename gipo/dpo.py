@@ -19,7 +19,7 @@ from gipo.data import DataError, EpochSampler, pad_right, render_prompt
 from gipo.evaluation import evaluate_policy
 from gipo.losses import dpo_pair_losses, logprobs_from_logits
 from gipo.models import load_causal_lm, load_tokenizer, position_ids_from_mask
-from gipo.reward import load_or_sample_pairs
+from gipo.reward import pairs_for
 from gipo.rollout import SamplingSettings
 from gipo.trainer import BaseTrainer, check_finite, make_optimizer
 
@@ -92,9 +92,7 @@ class DPOTrainer(BaseTrainer):
         self.model = (model or load_causal_lm(config.model)).to(self.device)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         if pairs is None:
-            pairs = load_or_sample_pairs(config.dataset, self.tokenizer, config.model, config.num_pairs,
-                                         config.label_noise_temperature, config.seed, self.device, self.output_dir,
-                                         config.pair_split, progress=config.progress)
+            pairs = pairs_for(config, self.tokenizer, self.device, self.output_dir)
         self.encoded = encode_dpo_pairs(self.tokenizer, pairs, config.max_length, config.dataset)
         self.sampler = EpochSampler(len(self.encoded), config.seed)
         # GR-DPO: alpha_g (``group_weights``, uniform at the start, kept in checkpoints) and N_g / N, the groups'

@@ -207,7 +207,9 @@ def compare_plots(out: Path, summary: dict[str, Any], names: list[str], seeds: i
         ax.set_xlabel("KL to reference per response")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    labelled = next((ax for ax in axes[::-1] if ax.get_legend_handles_labels()[0]), None)  # no proxy: gold's panel
+    if labelled is not None:
+        labelled.legend(fontsize=7)
     fig.suptitle("Reward against KL, one point per run (the over-optimization frontier)", fontsize=11)
     fig.tight_layout()
     plots["frontier"] = report_dir / "frontier.png"

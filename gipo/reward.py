@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from gipo.config import RewardConfig
+from gipo.config import DPOConfig, RewardConfig
 from gipo.data import (
     DataError,
     EpochSampler,
@@ -66,6 +66,13 @@ def sample_preference_pairs(policy, tokenizer, task: Task, num_pairs: int, noise
                 if len(pairs) >= num_pairs:
                     return pairs
         return pairs
+
+
+def pairs_for(config: RewardConfig | DPOConfig, tokenizer, device: torch.device, out_dir: Path) -> list[dict[str, Any]]:
+    """The preference pairs a reward-model or DPO config names (its dataset, model, pair split and sampling)."""
+    return load_or_sample_pairs(config.dataset, tokenizer, config.model, config.num_pairs,
+                                config.label_noise_temperature, config.seed, device, out_dir, config.pair_split,
+                                progress=config.progress)
 
 
 def load_or_sample_pairs(dataset: str, tokenizer, policy_path: str, num_pairs: int, noise_temperature: float,
@@ -118,9 +125,7 @@ class RewardTrainer(BaseTrainer):
         super().__init__(config, output_dir, overwrite=overwrite)
         self.tokenizer = tokenizer or load_tokenizer(config.model)
         if pairs is None:
-            pairs = load_or_sample_pairs(config.dataset, self.tokenizer, config.model, config.num_pairs,
-                                         config.label_noise_temperature, config.seed, self.device, self.output_dir,
-                                         config.pair_split, progress=config.progress)
+            pairs = pairs_for(config, self.tokenizer, self.device, self.output_dir)
         if config.long_examples == "shorten":
             pairs, self.shortened = fit_to_length(self.tokenizer, pairs, config.max_length)
         self.train_pairs, self.eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
