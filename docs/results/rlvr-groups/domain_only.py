@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from gipo import PPOConfig, PPOTrainer
+from gipo.compare import pass_rates
 from gipo.config import EvalConfig, build_config
 from gipo.evaluation import evaluate_run
 from gipo.tasks import Task, get_task, register_task
@@ -26,6 +27,12 @@ for seed in seeds:
                                           "seed": seed, "policy": str(out / f"seed-{seed}" / "sft" / "final")})
         PPOTrainer(config, output_dir=run_dir, overwrite=True).train()
         evaluate_run(run_dir, EvalConfig(dataset=suite_name))
-    report = json.loads((run_dir / "eval.json").read_text())
-    print(f"seed {seed}: {domain}-only GRPO, held-out gold per domain:",
-          {name: round(g["gold"], 3) for name, g in report["groups"].items()})
+    only_run, mixed_run = run_dir, out / f"seed-{seed}" / "grpo"
+    figures = {}
+    for label, folder in (("alone", only_run), ("mixed", mixed_run)):
+        if (folder / "eval.json").exists():
+            gold = json.loads((folder / "eval.json").read_text())["groups"][domain]["gold"]
+            passes = pass_rates([json.loads(line) for line in (folder / "eval_rows.jsonl").read_text().splitlines()])
+            figures[label] = f"gold {gold:.3f}, pass rate {passes[domain]:.3f}"
+    print(f"seed {seed}, held-out {domain}: GRPO on {domain} alone: {figures['alone']}; "
+          f"GRPO on the mixed suite: {figures.get('mixed', 'not run')}")
