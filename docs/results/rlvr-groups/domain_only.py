@@ -12,6 +12,7 @@ from gipo.compare import pass_rates
 from gipo.config import EvalConfig, build_config
 from gipo.evaluation import evaluate_run
 from gipo.tasks import Task, get_task, register_task
+from gipo.tracking import read_text_or_gzip
 
 out, suite_name, domain, seeds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], list(map(int, sys.argv[4:]))
 suite = get_task(suite_name)
@@ -32,7 +33,8 @@ for seed in seeds:
     for label, folder in (("alone", only_run), ("mixed", mixed_run)):
         if (folder / "eval.json").exists():
             gold = json.loads((folder / "eval.json").read_text())["groups"][domain]["gold"]
-            passes = pass_rates([json.loads(line) for line in (folder / "eval_rows.jsonl").read_text().splitlines()])
+            rows = read_text_or_gzip(folder / "eval_rows.jsonl").splitlines()  # a run folder, or its archive
+            passes = pass_rates([json.loads(line) for line in rows])
             figures[label] = f"gold {gold:.3f}, pass rate {passes[domain]:.3f}"
     print(f"seed {seed}, held-out {domain}: GRPO on {domain} alone: {figures['alone']}; "
           f"GRPO on the mixed suite: {figures.get('mixed', 'not run')}")
