@@ -3,6 +3,7 @@
 # reward), evaluated on the suite's held-out prompts like the mixed runs (run `seed-K/grpo_only_DOMAIN`).
 # Run from the repository root, after the compare has trained each seed's SFT model:
 #   python docs/results/rlvr-groups/domain_only.py runs/rlvr-swap builtin_swap swap 0 1 2
+#   python docs/results/rlvr-groups/domain_only.py runs/rlvr-swap builtin_swap add 0 1 2
 import json
 import sys
 from pathlib import Path
