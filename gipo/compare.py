@@ -175,15 +175,18 @@ def paired_differences(names: list[str], per_seed: dict[str, list[dict[str, Any]
                    for key, get in figures.items()} for name in names[1:]}
 
 
-def kl_frontiers(methods: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, float | str | None]]]:
-    """Per method (a sweep's runs ``method@key=value`` share one), its runs as points ordered by KL: the seed
-    means of KL, worst-domain gold, mean gold and each OOD split's gold."""
+def kl_frontiers(methods: dict[str, dict[str, Any]],
+                 value: Callable[[Any], float | None] = lambda figure: figure["mean"],
+                 ) -> dict[str, list[dict[str, float | str | None]]]:
+    """Per method (a sweep's runs ``method@key=value`` share one), its runs as points ordered by KL: KL,
+    worst-domain gold, mean gold and each OOD split's gold. ``methods`` maps runs to their figures: by default
+    the aggregated ones (the seed means are read); with ``value=lambda x: x``, one seed's :func:`seed_figures`."""
     frontiers: dict[str, list[dict[str, Any]]] = {}
     for name, figures in methods.items():
-        golds = [g["gold"]["mean"] for g in figures["groups"].values() if g["gold"]["mean"] is not None]
-        point = {"run": name, "kl": figures["kl"]["mean"], "worst_group_gold": figures["worst_group_gold"]["mean"],
+        golds = [gold for g in figures["groups"].values() if (gold := value(g["gold"])) is not None]
+        point = {"run": name, "kl": value(figures["kl"]), "worst_group_gold": value(figures["worst_group_gold"]),
                  "mean_gold": sum(golds) / len(golds) if golds else None,
-                 **{f"ood_{split}_gold": s["gold"]["mean"] for split, s in figures["ood"].items()}}
+                 **{f"ood_{split}_gold": value(s["gold"]) for split, s in figures["ood"].items()}}
         frontiers.setdefault(name.split("@")[0], []).append(point)
     return {method: sorted(points, key=lambda p: (p["kl"] is None, p["kl"] or 0.0))
             for method, points in frontiers.items()}
@@ -216,6 +219,35 @@ def matched_kl_differences(frontiers: dict[str, list[dict[str, Any]]], baseline:
                 diffs[key] = None if matched is None or point.get(key) is None else point[key] - matched
             out[method].append(diffs)
     return out
+
+
+def matched_kl_paired(per_seed: dict[str, list[dict[str, Any]]], baseline: str) -> dict[str, dict[str, Any]]:
+    """:func:`matched_kl_differences` within each seed (each run against the baseline's frontier of the same
+    seed, so the seed's shared SFT and reward model cancel), then mean and 95% CI over seeds: per run, and per
+    method (``all``: on each seed, the mean of the method's runs that lie inside the baseline's KL range).
+
+    A seed where a run's KL lies outside the baseline's range on that seed contributes nothing to that run."""
+    seeds = len(next(iter(per_seed.values())))
+    by_seed = [matched_kl_differences(kl_frontiers({name: runs[i] for name, runs in per_seed.items()},
+                                                   value=lambda x: x), baseline) for i in range(seeds)]
+    out: dict[str, dict[str, Any]] = {}
+    for method, points in by_seed[0].items():
+        keys = [k for k in points[0] if k not in ("run", "kl")]
+        runs = {point["run"]: {key: mean_ci([_point_named(seed[method], point["run"])[key] for seed in by_seed])
+                               for key in ["kl", *keys]} for point in points}
+        out[method] = {"runs": runs, "all": {key: mean_ci([_mean_inside(seed[method], key) for seed in by_seed])
+                                             for key in keys}}
+    return out
+
+
+def _point_named(points: list[dict[str, Any]], run: str) -> dict[str, Any]:
+    return next(point for point in points if point["run"] == run)
+
+
+def _mean_inside(points: list[dict[str, Any]], key: str) -> float | None:
+    """The mean of ``key`` over the points that have it (inside the baseline's KL range)."""
+    values = [p[key] for p in points if p[key] is not None]
+    return sum(values) / len(values) if values else None
 
 
 def win_rates(runs: list[str], rows: dict[str, list[list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
@@ -326,6 +358,7 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
         summary["kl_frontier"] = frontiers
         baseline = names[0].split("@")[0]
         summary[f"matched_kl_vs_{baseline}"] = matched_kl_differences(frontiers, baseline)
+        summary[f"matched_kl_paired_vs_{baseline}"] = matched_kl_paired(per_seed, baseline)
     # A sweep shares the seeds' SFT and reward model with the plain compare but reports on its own.
     report_dir = out / f"sweep-{sweep[0]}" if sweep else out
     report_dir.mkdir(parents=True, exist_ok=True)

@@ -139,6 +139,19 @@ def compare_tables(summary: dict[str, Any]) -> dict[str, tuple[list[str], list[l
                f"- where the run's KL lies outside {baseline}'s range)"] = (
             ["run", "KL", *[k.replace("_", " ") for k in keys]],
             [[p["run"], _number(p["kl"]), *[_number(p[k], signed=True) for k in keys]] for p in points])
+    paired_key = next((k for k in summary if k.startswith("matched_kl_paired_vs_")), None)
+    if paired_key and summary[paired_key]:
+        baseline = paired_key[len("matched_kl_paired_vs_"):]
+        methods_paired = summary[paired_key]
+        keys = list(next(iter(methods_paired.values()))["all"])
+        rows = []
+        for method, paired in methods_paired.items():
+            rows += [[run, _cell(d["kl"]), *[_cell(d[k]) for k in keys]] for run, d in paired["runs"].items()]
+            rows.append([f"{method}: all runs", "", *[_cell(paired["all"][k]) for k in keys]])
+        tables[f"At matched KL, paired by seed: each run minus {baseline}'s frontier of the same seed at the run's "
+               f"KL (mean ± 95% CI over the seeds where the run's KL lies inside {baseline}'s range; 'all runs': "
+               "on each seed the mean of the method's runs that do)"] = (
+            ["run", "KL", *[k.replace("_", " ") for k in keys]], rows)
     return {**tables,
             "Proxy (reward-model) score": (proxy_header, proxy_rows),
             "Win rates on the same held-out prompts": (win_header, win_rows)}

@@ -12,6 +12,7 @@ from gipo.compare import (
     archive_results,
     interpolate,
     matched_kl_differences,
+    matched_kl_paired,
     max_gold_drop,
     mean_ci,
     paired_differences,
@@ -197,13 +198,35 @@ def test_matched_kl_interpolates_the_baseline_frontier_and_never_extrapolates():
     assert at_4["mean_gold"] is None  # KL 4 is beyond ppo's frontier (1 to 3)
 
 
+def test_matched_kl_paired_by_seed_compares_each_seed_with_its_own_baseline_frontier():
+    def figures(kl: float, gold: float) -> dict:
+        return {"groups": {"add": {"gold": gold}}, "kl": kl, "worst_group_gold": gold, "ood": {}}
+
+    per_seed = {"ppo@kl_coef=0.1": [figures(1.0, 0.5), figures(1.0, 0.4)],
+                "ppo@kl_coef=0.02": [figures(3.0, 0.7), figures(3.0, 0.8)],
+                "gipo@kl_coef=0.1": [figures(2.0, 0.55), figures(2.0, 0.7)],
+                "gipo@kl_coef=0.02": [figures(4.0, 0.9), figures(2.5, 0.6)]}
+    paired = matched_kl_paired(per_seed, "ppo")["gipo"]
+    # Seed 0: ppo at KL 2 is 0.6, so gipo@0.1 is -0.05; gipo@0.02 (KL 4) is beyond ppo's range (1 to 3).
+    # Seed 1: ppo at KL 2 is 0.6 -> +0.10; at KL 2.5 it is 0.4 + 0.4 * 0.75 = 0.7 -> gipo@0.02 is -0.10.
+    one = paired["runs"]["gipo@kl_coef=0.1"]
+    assert one["mean_gold"]["mean"] == pytest.approx(0.025)
+    assert one["mean_gold"]["ci95"] == pytest.approx(12.706 * math.sqrt(0.0225 / 2) / math.sqrt(2))
+    assert one["kl"] == {"mean": 2.0, "ci95": 0.0}
+    assert paired["runs"]["gipo@kl_coef=0.02"]["worst_group_gold"] == {"mean": pytest.approx(-0.10), "ci95": None}
+    # all runs: seed 0 has only -0.05 inside the range, seed 1 the mean of +0.10 and -0.10 = 0.
+    assert paired["all"]["mean_gold"]["mean"] == pytest.approx(-0.025)
+    assert paired["all"]["mean_gold"]["ci95"] == pytest.approx(12.706 * math.sqrt(0.00125) / math.sqrt(2))
+
+
 def test_a_kl_sweep_reports_the_frontier_and_the_matched_kl_table(tmp_path):
     summary = run_compare(tmp_path, ["ppo", "gipo"], 1, TINY, sweep=("kl_coef", [0.02, 0.2]), log=lambda _: None)
     assert [p["run"] for p in sorted(summary["kl_frontier"]["ppo"], key=lambda p: p["run"])] == [
         "ppo@kl_coef=0.02", "ppo@kl_coef=0.2"]
     assert [p["run"] for p in summary["matched_kl_vs_ppo"]["gipo"]]
+    assert set(summary["matched_kl_paired_vs_ppo"]["gipo"]["runs"]) == {"gipo@kl_coef=0.02", "gipo@kl_coef=0.2"}
     report = (tmp_path / "sweep-kl_coef" / "report.md").read_text()
-    assert "At matched KL" in report and "kl_frontier.png" in report
+    assert "At matched KL" in report and "At matched KL, paired by seed" in report and "kl_frontier.png" in report
     assert (tmp_path / "sweep-kl_coef" / "kl_frontier.png").stat().st_size > 1000
 
 
