@@ -45,16 +45,22 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     return whitened * mask
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[tokens], without materializing the full log-softmax tensor."""
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor,
+                         log_normalizer: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(logits)[tokens], without materializing the full log-softmax tensor. ``log_normalizer``
+    is logsumexp(logits, -1) where the caller has it already (one pass over the vocabulary less)."""
+    if log_normalizer is None:
+        log_normalizer = torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - log_normalizer
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of the categorical distribution given by ``logits``."""
-    probs = F.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+def entropy_from_logits(logits: torch.Tensor, log_normalizer: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position entropy of the categorical distribution given by ``logits``: log Z - sum p * logits, with
+    p = exp(logits - log Z); ``log_normalizer`` (log Z) as in :func:`logprobs_from_logits`."""
+    if log_normalizer is None:
+        log_normalizer = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - log_normalizer.unsqueeze(-1))
+    return log_normalizer - (probs * logits).sum(-1)
 
 
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

@@ -315,14 +315,17 @@ def response_logprobs(model: PreTrainedModel, rollout: Rollout, temperature: flo
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool,
                     entropy_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits = logits.float() / temperature
-    logprobs = logprobs_from_logits(logits, tokens)
+    logits = logits.float()
+    if temperature != 1.0:  # dividing by 1 changes nothing but costs a copy of the logits and its backward
+        logits = logits / temperature
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    logprobs = logprobs_from_logits(logits, tokens, log_normalizer)
     if not with_entropy:
         return logprobs, None
     if entropy_grad:
-        return logprobs, entropy_from_logits(logits)
+        return logprobs, entropy_from_logits(logits, log_normalizer)
     with torch.no_grad():
-        return logprobs, entropy_from_logits(logits)
+        return logprobs, entropy_from_logits(logits, log_normalizer)
 
 
 def causal_lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -103,6 +103,16 @@ def test_entropy_by_hand():
     assert_close(entropy_from_logits(logits), expected)
 
 
+def test_a_given_log_normalizer_gives_the_same_logprobs_and_entropy():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 13, generator=gen, dtype=D) * 4
+    tokens = torch.randint(0, 13, (2, 5), generator=gen)
+    log_z = torch.logsumexp(logits, -1)
+    assert_close(logprobs_from_logits(logits, tokens, log_z), logprobs_from_logits(logits, tokens))
+    softmax = torch.softmax(logits, -1)
+    assert_close(entropy_from_logits(logits, log_z), -(softmax * torch.log_softmax(logits, -1)).sum(-1))
+
+
 def test_entropy_of_near_one_hot_is_near_zero():
     assert entropy_from_logits(t([50.0, 0.0, 0.0])).item() == pytest.approx(0.0, abs=1e-18)
 
