@@ -6,12 +6,12 @@ OUT ?= runs/demo
 
 .PHONY: install demo test lint clean
 
-$(BIN)/gipo: pyproject.toml
+$(BIN)/gipo: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned to the CPU wheel on this machine's disk; install it first so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	# DeepSpeed (for ZeRO launches) ships as source only: built against the torch above, without build isolation.
 	$(BIN)/pip install -q setuptools wheel
 	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
