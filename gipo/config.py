@@ -164,6 +164,10 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "grpo_prompt_gdro": {"_about": "GRPO with Prompt-GDRO: pass-rate bins decide which prompts are sampled",
                          "estimator": "grpo", "groups": "difficulty", "group_objective": "none", "group_kl": False,
                          "group_sampling": True},
+    "grpo_gipo_sampling": {"_about": "GRPO whose batches are filled by the inferred groups' sampling weights (the "
+                           "head places every prompt, seen or not, from its hidden state)", "estimator": "grpo",
+                           "groups": "inferred", "group_objective": "none", "group_kl": False, "group_var": "mass",
+                           "group_sampling": True},
     "grpo_oracle_dro": {"_about": "GRPO with group DRO on the data's labels", "estimator": "grpo",
                         "groups": "oracle", "group_objective": "dro", "group_kl": False, "group_sampling": False},
     "custom": {"_about": "no preset: set the group keys and the estimator yourself"},

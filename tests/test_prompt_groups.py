@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from gipo.config import PPOConfig, build_config
 from gipo.groups import (
     difficulty_bins,
     normalized_mutual_information,
@@ -16,7 +17,7 @@ from gipo.groups import (
     update_loss_ema,
     update_sampling_weights,
 )
-from gipo.prompt_groups import DifficultyTracker, per_prompt_means, train_group_head
+from gipo.prompt_groups import DifficultyTracker, PromptGroups, per_prompt_means, train_group_head
 from tests.conftest import t
 
 
@@ -87,3 +88,29 @@ def test_the_head_finds_hidden_domains_from_hidden_states():
     assert nmi > 0.8, nmi
     # The ideal split's mass-weighted variance: two halves at 0.2 and 0.8 -> 0.5 * 0.3^2 * 2 = 0.09.
     assert after == pytest.approx(0.09, abs=0.02)
+
+
+def test_unseen_prompts_share_the_prior_bin_while_an_inferred_head_places_them():
+    """Prompt-GDRO's bins know a prompt only once it has been drawn: until then it takes the prior (the mean of
+    the rates seen), so every unseen prompt lands in one bin and the sampling weights cannot find hard prompts
+    among them. The inferred head (``grpo_gipo_sampling``) reads each prompt's hidden state and places it at once."""
+    torch.manual_seed(0)
+    domains = torch.arange(16) % 2
+    direction = torch.randn(8)
+    states = torch.randn(16, 8) * 0.3 + (domains.float() * 2 - 1).unsqueeze(1) * direction
+    signal = torch.where(domains == 1, 0.9, 0.1)
+
+    def make(method: str) -> PromptGroups:
+        config = build_config(PPOConfig, {"method": method, "reward": "gold"})
+        return PromptGroups(config, 2, 8, labels=lambda _: domains, states=lambda indices: states[indices],
+                            device=torch.device("cpu"))
+
+    difficulty = make("grpo_prompt_gdro")
+    difficulty.difficulty.update([0, 1], [0.1, 0.9])  # one hard and one easy prompt seen: prior 0.5, bin 1
+    assert difficulty.assign([0, 1]).argmax(-1).tolist() == [0, 1]
+    assert difficulty.assign(list(range(2, 16))).argmax(-1).tolist() == [1] * 14
+
+    inferred = make("grpo_gipo_sampling")
+    train_group_head(inferred.head, inferred.head_optimizer, states[:8], signal[:8], 100)
+    unseen = inferred.assign(list(range(8, 16))).argmax(-1)
+    assert normalized_mutual_information(unseen, domains[8:]) == pytest.approx(1.0)

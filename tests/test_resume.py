@@ -35,7 +35,7 @@ CRITIC_FREE = {"reward": "gold", "num_generations": 4, "adaptive_kl": False}
     ("ppo", {}), ("gipo_gain", {}), ("gipo", {"lora_r": 4}), ("gipo", {"shared_critic": True}),
     ("grpo", {**CRITIC_FREE, "filter_zero_std": True}), ("rloo", CRITIC_FREE),
     ("grpo_gipo", CRITIC_FREE), ("grpo_prompt_gdro", CRITIC_FREE),
-    ("custom", {**CRITIC_FREE, "estimator": "grpo", "groups": "inferred", "group_sampling": True}),
+    ("grpo_gipo_sampling", CRITIC_FREE),
     ("custom", {**CRITIC_FREE, "estimator": "grpo", "groups": "oracle", "group_objective": "dro",
                 "dro_step_size": 0.1, "group_kl": True})])
 def test_ppo_resume_equals_uninterrupted(tiny_pipeline, tmp_path, method, extra):
