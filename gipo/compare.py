@@ -376,8 +376,11 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
 ARCHIVED = ("config.yaml", "environment.json", "eval.json", "eval_rows.jsonl", "metrics.jsonl")
 """What a compare reports from, per run: kept by :func:`archive_results`, the two ``.jsonl`` compressed."""
 
-REPORTED_METRICS = ("eval/", "groups/nmi")
-"""The metric keys a report reads (held-out curves, the groups' NMI): all an archive keeps of metrics.jsonl."""
+REPORTED_METRICS = ("eval/", "groups/nmi", "domain/share/", "groups/sample_share/", "groups/sampling_weight/",
+                    "groups/pass_rate/")
+"""The metric keys a report reads (held-out curves, the groups' NMI) and those that show where group sampling
+moved the batches (each domain's and each group's share, the groups' weights and pass rates): all an archive
+keeps of metrics.jsonl."""
 
 
 def reported_metrics(text: str) -> str:

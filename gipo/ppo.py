@@ -508,10 +508,11 @@ class PPOTrainer(BaseTrainer):
             quantities["gold"] = raw_scores.new_tensor([task.gold_reward(self.records[i], text)
                                                         for i, text in zip(indices, texts, strict=True)])
         labels = self._label_probs(indices)
-        present = G.group_masses(labels, self.reduce) > 0
+        shares = G.group_masses(labels, self.reduce)
         means = {name: G.soft_group_means(labels, values.float(), self.reduce) for name, values in quantities.items()}
-        return {f"domain/{name}/{label}": mean[g].item() for name, mean in means.items()
-                for g, label in enumerate(self.label_names) if present[g]}
+        return {**{f"domain/{name}/{label}": mean[g].item() for name, mean in means.items()
+                   for g, label in enumerate(self.label_names) if shares[g] > 0},
+                **{f"domain/share/{label}": shares[g].item() for g, label in enumerate(self.label_names)}}
 
     def _group_metrics(self, indices: list[int], probs: torch.Tensor, signal: torch.Tensor,
                        kl_sum: torch.Tensor | None, kl_coef: torch.Tensor | float) -> dict[str, float]:

@@ -9,6 +9,7 @@ import pytest
 
 from gipo.cli import main
 from gipo.compare import (
+    REPORTED_METRICS,
     archive_results,
     interpolate,
     matched_kl_differences,
@@ -247,8 +248,10 @@ def test_an_archived_compare_reports_without_retraining(tmp_path):
     assert not list((tmp_path / "kept").rglob("*.safetensors")) and not list((tmp_path / "kept").rglob("pairs*"))
     kept_metrics = read_metrics(tmp_path / "kept" / "seed-0" / "ppo" / "metrics.jsonl")
     full_metrics = read_metrics(tmp_path / "run" / "seed-0" / "ppo" / "metrics.jsonl")
-    assert kept_metrics and all(k == "step" or k.startswith(("eval/", "groups/nmi")) for r in kept_metrics for k in r)
-    assert [r["step"] for r in kept_metrics] == [r["step"] for r in full_metrics if any(k.startswith("eval/") for k in r)]
+    assert kept_metrics and all(k == "step" or k.startswith(REPORTED_METRICS) for r in kept_metrics for k in r)
+    assert [r["step"] for r in kept_metrics] == [r["step"] for r in full_metrics
+                                                 if any(k.startswith(REPORTED_METRICS) for k in r)]
+    assert any("objective/scores" in r for r in full_metrics)  # cut from the kept copy by the check above
     messages = []
     again = run_compare(tmp_path / "kept", ["ppo", "dpo"], 1, TINY, log=messages.append)
     assert not any("training" in m or "resuming" in m for m in messages), messages

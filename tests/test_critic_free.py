@@ -49,6 +49,9 @@ def test_gold_reward_grpo_holds_no_critic_reward_model_or_reference(tiny_pipelin
     assert domains
     for domain in domains:
         assert last[f"domain/score/{domain}"] == pytest.approx(last[f"domain/gold/{domain}"], abs=1e-6)
+    # Every domain's share of the batch is logged, drawn or not, and the shares add up to the whole batch.
+    shares = {k.removeprefix("domain/share/"): v for k, v in last.items() if k.startswith("domain/share/")}
+    assert set(domains) <= set(shares) and sum(shares.values()) == pytest.approx(1.0)
 
 
 def test_each_prompt_is_sampled_num_generations_times_side_by_side(tiny_pipeline, tmp_path):
