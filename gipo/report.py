@@ -139,10 +139,10 @@ def compare_tables(summary: dict[str, Any]) -> dict[str, tuple[list[str], list[l
                f"- where the run's KL lies outside {baseline}'s range)"] = (
             ["run", "KL", *[k.replace("_", " ") for k in keys]],
             [[p["run"], _number(p["kl"]), *[_number(p[k], signed=True) for k in keys]] for p in points])
-    paired_key = next((k for k in summary if k.startswith("matched_kl_paired_vs_")), None)
-    if paired_key and summary[paired_key]:
-        baseline = paired_key[len("matched_kl_paired_vs_"):]
-        methods_paired = summary[paired_key]
+    matched_paired_key = next((k for k in summary if k.startswith("matched_kl_paired_vs_")), None)
+    if matched_paired_key and summary[matched_paired_key]:
+        baseline = matched_paired_key[len("matched_kl_paired_vs_"):]
+        methods_paired = summary[matched_paired_key]
         keys = list(next(iter(methods_paired.values()))["all"])
         rows = []
         for method, paired in methods_paired.items():
