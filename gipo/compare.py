@@ -2,8 +2,8 @@
 
 Layout under OUT: ``seed-S/sft``, ``seed-S/rm`` (trained once per seed, shared by the methods) and
 ``seed-S/RUN`` per method (RUN is the method, or ``method@key=value`` in a sweep). A run with an
-``eval.json`` is reused; an unfinished one resumes from its last checkpoint, so a killed compare
-continues where it stopped. Then ``summary.json``, ``report.md`` and ``report.html`` are written (for a
+``eval.json`` is reused, and so is another run of the seed with the same config (``RUN`` becomes a link to
+it); an unfinished one resumes from its last checkpoint, so a killed compare continues where it stopped. Then ``summary.json``, ``report.md`` and ``report.html`` are written (for a
 sweep, under ``OUT/sweep-KEY/``, so a sweep can reuse a compare's SFT and reward models).
 """
 
@@ -13,9 +13,11 @@ import gzip
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from gipo.config import (
     DPO_METHODS,
@@ -26,6 +28,8 @@ from gipo.config import (
     RewardConfig,
     SFTConfig,
     build_config,
+    read_yaml,
+    to_dict,
 )
 from gipo.evaluation import evaluate_run
 from gipo.tasks import EXACT
@@ -341,8 +345,13 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
                     config = build_config(PPOConfig, {**ppo_o, **run.overrides, "method": run.method, "seed": seed,
                                                       "policy": str(sft_dir / "final"),
                                                       "reward_model": str(rm_dir / "final")})
-                    _train(PPOTrainer, config, run_dir, f"seed {seed}: {run.name}", log)
-                    evaluate_run(run_dir, eval_config)
+                    twin = None if run_dir.exists() else identical_run(seed_dir, config)
+                    if twin is not None:
+                        run_dir.symlink_to(twin.name, target_is_directory=True)
+                        log(f"[seed {seed}: {run.name}] trained already as {twin.name} (same config): reused")
+                    else:
+                        _train(PPOTrainer, config, run_dir, f"seed {seed}: {run.name}", log)
+                        evaluate_run(run_dir, eval_config)
             per_seed[run.name].append(seed_figures(run_dir, sft_rows))
             all_rows[run.name].append(_read_rows(run_dir / "eval_rows.jsonl"))
     if first_seed:
@@ -418,6 +427,20 @@ def archive_results(out: str | Path, dest: str | Path) -> list[Path]:
             copy.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0) if packed else text.encode("utf-8"))
             written.append(copy)
     return written
+
+
+def identical_run(seed_dir: Path, config: PPOConfig) -> Path | None:
+    """An evaluated run of this seed whose saved config equals ``config`` in every key that changes results (a
+    sweep value equal to the plain compare's, say): training ``config`` again would only repeat it."""
+    wanted = yaml.safe_load(yaml.safe_dump(to_dict(config)))
+    keys = [f.name for f in fields(config) if f.metadata.get("result_affecting", True)]
+    for candidate in sorted(seed_dir.iterdir()):
+        if candidate.is_symlink() or not (candidate / "eval.json").exists() or not (candidate / "config.yaml").exists():
+            continue
+        saved = read_yaml(candidate / "config.yaml")
+        if all(key in saved and saved[key] == wanted[key] for key in keys):
+            return candidate
+    return None
 
 
 def _train(trainer_cls, config, run_dir: Path, label: str, log: Callable[[str], None]) -> None:

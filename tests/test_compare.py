@@ -231,6 +231,19 @@ def test_a_kl_sweep_reports_the_frontier_and_the_matched_kl_table(tmp_path):
     assert (tmp_path / "sweep-kl_coef" / "kl_frontier.png").stat().st_size > 1000
 
 
+def test_a_sweep_value_equal_to_the_compares_config_reuses_its_run(tmp_path):
+    run_compare(tmp_path, ["ppo"], 1, TINY, log=lambda _: None)
+    messages = []
+    run_compare(tmp_path, ["ppo"], 1, TINY, sweep=("kl_coef", [0.05, 0.2]), log=messages.append)
+    seed_dir = tmp_path / "seed-0"
+    assert (seed_dir / "ppo@kl_coef=0.05").resolve() == (seed_dir / "ppo").resolve()  # the default kl_coef
+    assert not (seed_dir / "ppo@kl_coef=0.2").is_symlink() and (seed_dir / "ppo@kl_coef=0.2" / "eval.json").exists()
+    trained = [m for m in messages if "training" in m]
+    assert len(trained) == 1 and "kl_coef=0.2" in trained[0], messages
+    assert len(list(archive_results(tmp_path, tmp_path / "kept"))) > 0
+    assert (tmp_path / "kept" / "seed-0" / "ppo@kl_coef=0.05" / "eval.json").is_file()
+
+
 def test_seeds_shared_between_processes_then_reported_together(tmp_path):
     assert run_compare(tmp_path, ["ppo"], 1, TINY, first_seed=1, log=lambda _: None) is None
     assert (tmp_path / "seed-1" / "ppo" / "eval.json").exists() and not (tmp_path / "seed-0").exists()
