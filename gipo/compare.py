@@ -3,8 +3,9 @@
 Layout under OUT: ``seed-S/sft``, ``seed-S/rm`` (trained once per seed, shared by the methods) and
 ``seed-S/RUN`` per method (RUN is the method, or ``method@key=value`` in a sweep). A run with an
 ``eval.json`` is reused, and so is another run of the seed with the same config (``RUN`` becomes a link to
-it); an unfinished one resumes from its last checkpoint, so a killed compare continues where it stopped. Then ``summary.json``, ``report.md`` and ``report.html`` are written (for a
-sweep, under ``OUT/sweep-KEY/``, so a sweep can reuse a compare's SFT and reward models).
+it); an unfinished one resumes from its last checkpoint, so a killed compare continues where it stopped.
+Then ``summary.json``, ``report.md`` and ``report.html`` are written (for a sweep, under ``OUT/sweep-KEY/``,
+so a sweep can reuse a compare's SFT and reward models).
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import gzip
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from gipo.config import (
     DPO_METHODS,
@@ -29,7 +28,6 @@ from gipo.config import (
     SFTConfig,
     build_config,
     read_yaml,
-    to_dict,
 )
 from gipo.evaluation import evaluate_run
 from gipo.tasks import EXACT
@@ -432,13 +430,12 @@ def archive_results(out: str | Path, dest: str | Path) -> list[Path]:
 def identical_run(seed_dir: Path, config: PPOConfig) -> Path | None:
     """An evaluated run of this seed whose saved config equals ``config`` in every key that changes results (a
     sweep value equal to the plain compare's, say): training ``config`` again would only repeat it."""
-    wanted = yaml.safe_load(yaml.safe_dump(to_dict(config)))
-    keys = [f.name for f in fields(config) if f.metadata.get("result_affecting", True)]
+    from gipo.trainer import differing_keys
+
     for candidate in sorted(seed_dir.iterdir()):
         if candidate.is_symlink() or not (candidate / "eval.json").exists() or not (candidate / "config.yaml").exists():
             continue
-        saved = read_yaml(candidate / "config.yaml")
-        if all(key in saved and saved[key] == wanted[key] for key in keys):
+        if not differing_keys(read_yaml(candidate / "config.yaml"), config, missing_differ=True):
             return candidate
     return None
 

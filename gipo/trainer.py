@@ -172,13 +172,19 @@ def check_finite(step: int, **tensors: torch.Tensor) -> None:
             raise NonFiniteError(name, step)
 
 
-def differing_keys(saved: dict[str, Any], current: RunConfig) -> list[str]:
-    """Keys that change results and differ between a saved config and ``current``."""
+def differing_keys(saved: dict[str, Any], current: RunConfig, *, missing_differ: bool = False) -> list[str]:
+    """Keys that change results and differ between a saved config and ``current`` (a key the saved config lacks
+    counts only with ``missing_differ``)."""
     import dataclasses
 
     keys = []
     for f in dataclasses.fields(current):
-        if f.metadata.get("result_affecting", True) and f.name in saved and saved[f.name] != getattr(current, f.name):
+        if not f.metadata.get("result_affecting", True):
+            continue
+        if f.name not in saved:
+            if missing_differ:
+                keys.append(f"{f.name} (not saved)")
+        elif saved[f.name] != getattr(current, f.name):
             keys.append(f"{f.name} (saved {saved[f.name]!r}, now {getattr(current, f.name)!r})")
     return keys
 
