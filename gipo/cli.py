@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import os
 import sys
@@ -184,6 +185,8 @@ def run_compare_command(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    if not faulthandler.is_enabled():  # a crash in native code (a rank's abort) then shows where Python was
+        faulthandler.enable()
     try:
         code = run(args)
         shutdown()

@@ -9,6 +9,7 @@ process writes files.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from typing import Any
@@ -304,8 +305,11 @@ def any_process(flags: torch.Tensor) -> torch.Tensor:
 
 
 def shutdown() -> None:
-    """End the process group cleanly (every process at once), so no collective thread outlives the run."""
+    """End the process group cleanly (every process at once), so no collective thread outlives the run. A
+    finished trainer's sharded models sit in reference cycles that hold the group: collect them first, so that
+    none of the group's native objects is left for interpreter exit to destroy (a rank could abort there)."""
     if is_distributed():
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 

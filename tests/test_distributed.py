@@ -59,7 +59,7 @@ def _run(command: list[str], processes: int, mode: tuple[str, ...] = ("--multi_g
     else:
         launch = [sys.executable, *entry]
     result = subprocess.run(launch + command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, result.stderr[-8000:]  # room for a crashed rank's Python stack above torchrun's report
 
 
 def _compared(row: dict) -> dict[str, float]:
