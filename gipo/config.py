@@ -51,6 +51,10 @@ class RunConfig:
     checkpoint_every: int = option(50, "Save a checkpoint every N steps.", min=1, result_affecting=False)
     keep_last: int = option(2, "How many checkpoints to keep.", min=1, result_affecting=False)
     progress: bool = option(True, "Show a progress bar.", result_affecting=False)
+    cpu_keep_freed_memory: bool = option(
+        True, "On the CPU (Linux, glibc): keep freed memory in the process for the next iteration instead of "
+        "returning it to the system, so large tensors do not fault in fresh pages each time (faster; the "
+        "resident size then stays at its peak).", result_affecting=False)
     on_nonfinite: str = option("stop", "What to do when NaN/inf appears in a reward, loss or advantage: "
                                "stop the run, or skip the batch and count it.", choices=("stop", "skip"))
 

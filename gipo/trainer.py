@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from gipo import checkpoint as ckpt
 from gipo import distributed as dist
+from gipo.allocator import keep_freed_memory
 from gipo.config import ConfigError, RunConfig, read_yaml, save_config
 from gipo.environment import write_environment
 from gipo.tracking import MetricsLogger
@@ -207,6 +208,8 @@ class BaseTrainer:
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu" and config.cpu_keep_freed_memory:
+            keep_freed_memory()
         self.accelerator = None
         if dist.launched_with_several_processes():
             if not self.supports_several_processes:
