@@ -3,8 +3,9 @@
 glibc's malloc serves each large tensor (a layer's activations, the logits) with a fresh ``mmap`` and hands
 it back to the system when the tensor is freed; the next iteration's tensors of the same sizes then fault in
 new zeroed pages, hundreds of thousands per update of a 135M-parameter model, which costs seconds on a
-virtual machine. Keeping freed memory in the process lets the next iteration reuse it: the resident size
-stays at its peak instead of falling between phases, and the peak itself barely moves.
+virtual machine. Keeping freed memory in the process lets the next iteration reuse it. The price is memory:
+the heap never shrinks and its holes count too, so the resident size stays at its peak instead of falling
+between phases, and that peak is higher (on SmolLM2-135M GRPO about 6% more).
 (``benchmarks/grpo_throughput.py`` runs gipo with it and TRL without it; the README shows both sides.)
 """
 
