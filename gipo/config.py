@@ -250,6 +250,12 @@ class PPOConfig(RunConfig):
         "forward's within float rounding) instead of one more policy forward; with shared_critic, the values and "
         "group logits too, from the hidden states recorded while sampling. Used only with the fast backend "
         "and a policy without active dropout, in fp32 (with bf16 autocast or dropout the forward runs).")
+    share_prompt_prefix: bool = option(
+        True, "Where a batch holds several samples of one prompt (num_generations > 1), run that prompt's forward "
+        "once (the sampling prefill, the policy and reference log-probabilities) and every sample's response on "
+        "a copy of its KV cache: the same numbers and gradient up to float rounding, for less compute and "
+        "activation memory. Used where the model allows it: a decoder with a KV cache, no active dropout, no "
+        "gradient checkpointing, one process without DDP / FSDP / DeepSpeed.")
     fused_optimizer: bool = option(True, "AdamW with torch's fused kernel: fewer, larger ops per step; the same "
                                    "update up to float rounding. Where the kernel does not apply (parameters off the "
                                    "CPU and CUDA, or not plain floating-point tensors) the plain AdamW runs.")

@@ -162,7 +162,7 @@ class PPOTrainer(BaseTrainer):
         self.dro_weights = torch.full((self.num_groups,), 1.0 / self.num_groups)
         self.gain_baseline: dict[int, float] = {}
         self.settings = SamplingSettings(config.max_new_tokens, config.temperature, config.top_k, config.top_p,
-                                         config.stop_on_eos, config.generation_backend)
+                                         config.stop_on_eos, config.generation_backend, config.share_prompt_prefix)
         # Sampling log-probabilities stand in for the old policy's only where a forward would give the same
         # numbers: the fast loop records them, no dropout makes the training-mode forward differ, and no bf16
         # autocast rounds the training forwards differently from the cached sampling ones.
@@ -329,11 +329,13 @@ class PPOTrainer(BaseTrainer):
                                                                         config.temperature)
             else:
                 logprobs = (rollout.sampled_logprobs if self.reuse_logprobs
-                            else response_logprobs(self.policy, rollout, config.temperature)[0])
+                            else response_logprobs(self.policy, rollout, config.temperature,
+                                                   share_prompts=config.share_prompt_prefix)[0])
                 if self.critic is not None:
                     values, group_logits = critic_values(self.critic, rollout)
             if self.reference is not None:
-                ref_logprobs, _ = response_logprobs(self.reference, rollout, config.temperature)
+                ref_logprobs, _ = response_logprobs(self.reference, rollout, config.temperature,
+                                                    share_prompts=config.share_prompt_prefix)
             raw_scores = self._score(rollout, indices)
         check_finite(self.step, **_present(**{"reward_model_scores" if self.scorer else "rewards": raw_scores},
                                            log_probabilities=logprobs, reference_log_probabilities=ref_logprobs,
@@ -576,7 +578,8 @@ class PPOTrainer(BaseTrainer):
                 if self.critic is not None:
                     values, group_logits = critic_values(self.critic_train, rollout)
                 logprobs, entropy = response_logprobs(self.policy_train, rollout, config.temperature,
-                                                      with_entropy=True, entropy_grad=config.entropy_coef > 0)
+                                                      with_entropy=True, entropy_grad=config.entropy_coef > 0,
+                                                      share_prompts=config.share_prompt_prefix)
         stats: dict[str, float] = {}
         critic_loss, assignment = self._critic_loss(experience, index, values, group_logits, mask, stats)
 

@@ -31,6 +31,7 @@ class SamplingSettings:
     top_p: float = 1.0
     stop_on_eos: bool = True
     backend: str = "hf"  # "fast": gipo's own sampling loop (KV cache), "hf": transformers' generate
+    share_prompts: bool = False  # fast loop: one prefill per distinct prompt (see :func:`shared_prompts`)
 
 
 @dataclass
@@ -223,6 +224,11 @@ def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return scores
 
 
+def _hf_positions(mask: torch.Tensor) -> torch.Tensor:
+    """A left-padded prompt's position ids as HF generate sets them (padding at 1)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
 @torch.no_grad()
 def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id: int, pad_id: int,
                 settings: SamplingSettings, greedy: bool = False, with_logprobs: bool = False,
@@ -242,7 +248,6 @@ def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id
     model.eval()
     batch, steps = query_ids.shape[0], settings.max_new_tokens
     mask = query_mask.long()
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as HF generate
     next_position = mask.sum(-1, keepdim=True)
     tokens = torch.full((batch, steps), pad_id, dtype=query_ids.dtype, device=query_ids.device)
     logprobs = torch.zeros(batch, steps, device=query_ids.device) if with_logprobs else None
@@ -263,7 +268,16 @@ def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id
         def forward(**inputs) -> torch.Tensor:
             return model(**inputs, use_cache=True, logits_to_keep=1, **cache).logits[:, -1].float()
 
-    logits = forward(input_ids=query_ids, attention_mask=mask, position_ids=positions)
+    shared = shared_prompts(query_ids, query_mask) if settings.share_prompts and not synced else None
+    if shared is None:
+        logits = forward(input_ids=query_ids, attention_mask=mask, position_ids=_hf_positions(mask))
+    else:  # one prefill per distinct prompt; every sample then decodes from its prompt's copy of the cache
+        prompt_ids, prompt_mask, which = shared
+        prompt_mask = prompt_mask.long()
+        logits = forward(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_hf_positions(prompt_mask))[which]
+        next(iter(cache.values())).batch_select_indices(which)
+        if with_states:
+            states[-1] = states[-1][which]
     done = 0
     for step in range(steps):
         if greedy:
@@ -302,15 +316,74 @@ def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id
                    torch.stack(states, dim=1) if with_states else None)
 
 
+def shared_prompts(query_ids: torch.Tensor, query_mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The distinct prompts of a batch (rows with equal ids under equal masks), as (ids, mask) of shape
+    (U, Tq), and for each of the B rows the index of its prompt among them; None when no two rows share one
+    (a critic-free estimator samples ``num_generations`` responses for each prompt, so most batches do)."""
+    rows = torch.cat([query_ids, query_mask.to(query_ids.dtype)], dim=1)
+    distinct, which = torch.unique(rows, dim=0, return_inverse=True)
+    if len(distinct) == len(rows):
+        return None
+    width = query_ids.shape[1]
+    return distinct[:, :width], distinct[:, width:].to(query_mask.dtype), which
+
+
+def prompt_sharing_supported(model) -> bool:
+    """Whether a forward of ``model`` can run each distinct prompt once and its responses on a copy of that
+    prompt's KV cache: a plain (or PEFT, or adapter-disabled) decoder with a cache, without active dropout
+    (shared prompt states would share their dropout masks) or gradient checkpointing (which turns the cache
+    off), and not inside a DDP / FSDP / DeepSpeed wrapper (their hooks expect one forward per backward)."""
+    inner = _inner_model(model)
+    checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers 5's name
+    if checkpointing is None:
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    return (fast_sampling_supported(model) and not hasattr(model, "module") and not dist.is_sharded(model)
+            and not has_active_dropout(inner) and not checkpointing)
+
+
 def response_logprobs(model: PreTrainedModel, rollout: Rollout, temperature: float, with_entropy: bool = False,
-                      entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      entropy_grad: bool = False, share_prompts: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities (B, Tr) of the response tokens under ``model`` (and their entropy, with a
-    gradient only when ``entropy_grad``: a logged entropy needs no graph over the vocabulary)."""
+    gradient only when ``entropy_grad``: a logged entropy needs no graph over the vocabulary).
+    ``share_prompts``: where rows share a prompt and the model allows it (:func:`prompt_sharing_supported`),
+    run each distinct prompt once, then every response on its prompt's KV cache: the same numbers up to float
+    rounding (and the same gradient: it flows back through the cache to the prompt's forward), for the prompt
+    tokens' compute and activations divided by the samples per prompt."""
+    shared = (shared_prompts(rollout.query_ids, rollout.query_mask)
+              if share_prompts and prompt_sharing_supported(model) else None)
+    if shared is not None:
+        return _logprobs_on_shared_prompts(model, rollout, shared, temperature, with_entropy, entropy_grad)
     width = rollout.response_ids.shape[1]
     attention_mask = rollout.attention_mask
     logits = model(input_ids=rollout.sequences, attention_mask=attention_mask, **_one_shot(model),
                    position_ids=position_ids_from_mask(attention_mask), logits_to_keep=width + 1).logits[:, :-1]
     return _token_logprobs(logits, rollout.response_ids, temperature, with_entropy, entropy_grad)
+
+
+def _logprobs_on_shared_prompts(model, rollout: Rollout, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                                temperature: float, with_entropy: bool, entropy_grad: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`response_logprobs` in two forwards: the distinct prompts (their last position predicts the first
+    response token), then the responses but their last token (which predicts nothing) on the prompts' cache."""
+    from transformers import DynamicCache
+
+    prompt_ids, prompt_mask, which = shared
+    cache = DynamicCache(config=_model_config(model))
+    keyword = _cache_keyword(model)
+    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                  use_cache=True, logits_to_keep=1, **{keyword: cache}).logits[which]
+    parts = [_token_logprobs(first, rollout.response_ids[:, :1], temperature, with_entropy, entropy_grad)]
+    width = rollout.response_ids.shape[1]
+    if width > 1:
+        cache.batch_select_indices(which)
+        attention_mask = rollout.attention_mask[:, :-1]
+        logits = model(input_ids=rollout.response_ids[:, :-1], attention_mask=attention_mask, use_cache=True,
+                       position_ids=position_ids_from_mask(attention_mask)[:, -(width - 1):], **{keyword: cache}).logits
+        parts.append(_token_logprobs(logits, rollout.response_ids[:, 1:], temperature, with_entropy, entropy_grad))
+    logprobs = torch.cat([part[0] for part in parts], dim=1)
+    return logprobs, torch.cat([part[1] for part in parts], dim=1) if with_entropy else None
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool,

@@ -15,9 +15,11 @@ from gipo.rollout import (
     generate,
     has_active_dropout,
     packed_linear_weights,
+    prompt_sharing_supported,
     response_logprobs,
     response_mask_from_ids,
     sample_fast,
+    shared_prompts,
 )
 
 PAD, EOS = 0, 1
@@ -296,3 +298,75 @@ def test_ppo_with_a_shared_critic_reads_old_values_from_sampling(tiny_pipeline, 
         torch.testing.assert_close(getattr(reused, name) * mask, getattr(fresh, name) * mask, rtol=1e-4, atol=1e-5)
     for key in ("groups/r_var", "objective/kl"):
         assert reused_metrics[key] == pytest.approx(fresh_metrics[key], rel=1e-4, abs=1e-6)
+
+
+def _repeated_prompts(vocab: int, samples: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four prompts of different lengths, each ``samples`` times, interleaved (as a shuffled mini-batch holds them)."""
+    ids, mask = _queries(vocab, lengths=(3, 9, 1, 6))
+    order = torch.arange(4).repeat(samples)
+    return ids[order], mask[order]
+
+
+def test_shared_prompts_finds_each_distinct_prompt_once():
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [0, 5, 6], [7, 8, 9]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1], [1, 1, 1]])
+    prompts, prompt_mask, which = shared_prompts(ids, mask)
+    assert len(prompts) == 2
+    assert torch.equal(prompts[which], ids) and torch.equal(prompt_mask[which], mask)
+    # Equal ids under a different mask are a different prompt (a pad id that is also a real token).
+    assert shared_prompts(ids[:2], mask[:2]) is None
+    assert shared_prompts(torch.tensor([[0, 5], [0, 5]]), torch.tensor([[0, 1], [1, 1]])) is None
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_shared_prompt_logprobs_and_gradients_equal_the_plain_forward(entropy_grad):
+    model = build_embedded_model(build_embedded_tokenizer(), seed=4).train()
+    ids, mask = _repeated_prompts(model.config.vocab_size)
+    torch.manual_seed(2)
+    rollout = generate(model, ids, mask, EOS, PAD, SamplingSettings(max_new_tokens=8, backend="fast"))
+    assert not rollout.response_mask.all()  # some rows ended early: padding inside the responses is covered
+    prompt_forward_rows = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: prompt_forward_rows.append(args[0].shape))
+    results = []
+    for share in (False, True):
+        prompt_forward_rows.clear()
+        model.zero_grad()
+        logprobs, entropy = response_logprobs(model, rollout, 0.8, with_entropy=True, entropy_grad=entropy_grad,
+                                              share_prompts=share)
+        loss = (logprobs * rollout.response_mask).sum() + (entropy.sum() if entropy_grad else 0)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        results.append((logprobs * rollout.response_mask, entropy * rollout.response_mask, grads,
+                        list(prompt_forward_rows)))
+    hook.remove()
+    (plain_lp, plain_ent, plain_grads, plain_rows), (lp, ent, grads, rows) = results
+    assert [shape[0] for shape in plain_rows] == [12]
+    assert [shape[0] for shape in rows] == [4, 12]  # four distinct prompts, then every response
+    assert rows[1][1] == rollout.response_ids.shape[1] - 1  # the responses' last token predicts nothing
+    torch.testing.assert_close(lp, plain_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, plain_ent, atol=1e-5, rtol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prompt_prefill_samples_what_the_plain_prefill_samples(model):
+    ids, mask = _repeated_prompts(model.config.vocab_size)
+    rollouts = []
+    for share in (False, True):
+        torch.manual_seed(5)
+        settings = SamplingSettings(max_new_tokens=10, backend="fast", share_prompts=share)
+        rollouts.append(generate(model, ids, mask, EOS, PAD, settings, with_logprobs=True, with_states=True))
+    plain, shared = rollouts
+    _assert_same(plain, shared)
+    torch.testing.assert_close(shared.sampled_logprobs, plain.sampled_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.sampled_states, plain.sampled_states, atol=1e-5, rtol=0)
+
+
+def test_prompt_sharing_is_off_where_one_forward_per_backward_is_expected():
+    model = build_embedded_model(build_embedded_tokenizer())
+    assert prompt_sharing_supported(model)
+    model.gradient_checkpointing_enable()
+    assert not prompt_sharing_supported(model)
+    wrapped = torch.nn.Module()
+    wrapped.module = build_embedded_model(build_embedded_tokenizer())  # as DDP and DeepSpeed hold a model
+    assert not prompt_sharing_supported(wrapped)
