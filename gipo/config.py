@@ -250,6 +250,11 @@ class PPOConfig(RunConfig):
         "forward's within float rounding) instead of one more policy forward; with shared_critic, the values and "
         "group logits too, from the hidden states recorded while sampling. Used only with the fast backend "
         "and a policy without active dropout, in fp32 (with bf16 autocast or dropout the forward runs).")
+    sampling_draws: str = option(
+        "inverse_cdf", "How the fast sampling loop draws each token from its probabilities: inverse_cdf (one uniform "
+        "number per sample, looked up in the cumulative probabilities) or multinomial (torch.multinomial as HF "
+        "generate calls it, one exponential per vocabulary entry: the same tokens as the hf backend under the same "
+        "seed, and slower on a CPU). Both sample the same distribution.", choices=("inverse_cdf", "multinomial"))
     share_prompt_prefix: bool = option(
         True, "Where a batch holds several samples of one prompt (num_generations > 1), run that prompt's forward "
         "once (the sampling prefill, the policy and reference log-probabilities) and every sample's response on "

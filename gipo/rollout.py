@@ -32,6 +32,7 @@ class SamplingSettings:
     stop_on_eos: bool = True
     backend: str = "hf"  # "fast": gipo's own sampling loop (KV cache), "hf": transformers' generate
     share_prompts: bool = False  # fast loop: one prefill per distinct prompt (see :func:`shared_prompts`)
+    draws: str = "multinomial"  # fast loop: "multinomial" (HF generate's draws) or "inverse_cdf" (:func:`draw_tokens`)
 
 
 @dataclass
@@ -224,6 +225,18 @@ def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return scores
 
 
+def draw_tokens(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-transform sampling: for each row of ``probs`` (B, V), the first token whose cumulative
+    probability exceeds ``uniform`` (B, 1) in [0, 1) times the row's total. One random number per row, where
+    ``torch.multinomial`` draws one exponential per vocabulary entry (most of a small model's sampling time on
+    a CPU). A token of probability 0 (filtered out) is not drawn, its cumulative value being its predecessor's
+    (short of a product that rounds up to the total, which falls back to the last token). The sum runs in
+    float64, so the last of 49k tokens keeps its share to ~1e-16."""
+    cumulative = probs.to(torch.float64).cumsum(-1)
+    token = torch.searchsorted(cumulative[:, :-1], uniform * cumulative[:, -1:], right=True)
+    return token.squeeze(1)
+
+
 def _hf_positions(mask: torch.Tensor) -> torch.Tensor:
     """A left-padded prompt's position ids as HF generate sets them (padding at 1)."""
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
@@ -235,9 +248,10 @@ def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id
                 with_states: bool = False) -> Rollout:
     """gipo's own sampling loop: one prefill, then one cached forward per token, with no per-token
     machinery beyond the model call. It follows HF ``generate`` step for step (same positions, same
-    filtering, top_k=0 included, one ``torch.multinomial`` draw per step over the whole batch, pad after
-    EOS, stop once every row has ended), so greedy decoding gives HF's tokens and sampling draws the same
-    random numbers (the tokens agree up to float rounding in the logits).
+    filtering, top_k=0 included, pad after EOS, stop once every row has ended), so greedy decoding gives HF's
+    tokens. With ``settings.draws`` "multinomial" it also draws as HF does (one ``torch.multinomial`` per step
+    over the whole batch: the same tokens up to float rounding in the logits); "inverse_cdf" samples the same
+    distribution from one uniform number per row (:func:`draw_tokens`).
     The log-probabilities of the sampled tokens (at ``settings.temperature``, before filtering) come
     with it when ``with_logprobs``, and the last hidden states (``Rollout.sampled_states``) when
     ``with_states``: the decoder and the LM head then run as two calls, and one more cached step reads the
@@ -285,7 +299,11 @@ def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id
         else:
             scores = logits / settings.temperature if settings.temperature != 1.0 else logits
             scores = filter_logits(scores, settings.top_k or HF_DEFAULT_TOP_K, settings.top_p)
-            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            probs = torch.softmax(scores, dim=-1)
+            if settings.draws == "inverse_cdf":
+                token = draw_tokens(probs, torch.rand(batch, 1, device=probs.device, dtype=torch.float64))
+            else:
+                token = torch.multinomial(probs, num_samples=1).squeeze(1)
         if stop_ids is not None:
             token = torch.where(unfinished, token, torch.full_like(token, pad_id))
         if logprobs is not None:

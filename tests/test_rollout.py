@@ -11,6 +11,7 @@ import transformers
 from gipo.models import build_embedded_model, build_embedded_tokenizer
 from gipo.rollout import (
     SamplingSettings,
+    draw_tokens,
     filter_logits,
     generate,
     has_active_dropout,
@@ -370,3 +371,27 @@ def test_prompt_sharing_is_off_where_one_forward_per_backward_is_expected():
     wrapped = torch.nn.Module()
     wrapped.module = build_embedded_model(build_embedded_tokenizer())  # as DDP and DeepSpeed hold a model
     assert not prompt_sharing_supported(wrapped)
+
+
+def test_inverse_cdf_draws_on_hand_computed_cases():
+    probs = torch.tensor([[0.1, 0.2, 0.7], [0.0, 0.5, 0.5], [0.25, 0.0, 0.75]])
+    for uniform, expected in [((0.05, 0.0, 0.0), (0, 1, 0)), ((0.15, 0.49, 0.25), (1, 1, 2)),
+                              ((0.31, 0.5, 0.2499), (2, 2, 0)), ((0.999, 0.999, 0.999), (2, 2, 2))]:
+        drawn = draw_tokens(probs, torch.tensor(uniform, dtype=torch.float64)[:, None])
+        assert drawn.tolist() == list(expected), uniform
+    # Rows that do not sum to 1 (float rounding) are scaled by their own total.
+    assert draw_tokens(torch.tensor([[1.0, 1.0]]), torch.tensor([[0.6]], dtype=torch.float64)).item() == 1
+
+
+def test_inverse_cdf_sampling_draws_the_model_distribution(model):
+    """The first token's frequencies over many samples of one prompt match the model's probabilities."""
+    ids, mask = _queries(model.config.vocab_size, lengths=(4,))
+    settings = SamplingSettings(max_new_tokens=1, backend="fast", draws="inverse_cdf", top_k=5)
+    torch.manual_seed(0)
+    rollout = generate(model, ids.repeat(20_000, 1), mask.repeat(20_000, 1), EOS, PAD, settings)
+    with torch.no_grad():
+        scores = filter_logits(model(input_ids=ids, attention_mask=mask).logits[0, -1], top_k=5)
+    expected = torch.softmax(scores, dim=-1)
+    counts = torch.bincount(rollout.response_ids[:, 0], minlength=len(expected)).double()
+    assert set(counts.nonzero().squeeze(1).tolist()) <= set(expected.nonzero().squeeze(1).tolist())
+    torch.testing.assert_close(counts / counts.sum(), expected.double(), atol=0.015, rtol=0)
