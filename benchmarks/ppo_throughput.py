@@ -459,8 +459,9 @@ def run_trl(spec: dict, profile: bool) -> dict:
 
 
 def plain_response_logprobs(model, rollout, temperature: float, with_entropy: bool = False,
-                            entropy_grad: bool = False):
-    """The straightforward path: full logits for every position, a full log_softmax, then gather."""
+                            entropy_grad: bool = False, share_prompts: bool = False):
+    """The straightforward path: full logits for every position, a full log_softmax, then gather (every
+    sample runs its own prompt: ``share_prompts`` is ignored)."""
     import torch
 
     from gipo.models import position_ids_from_mask
@@ -488,7 +489,8 @@ def plain_optimizer(make_optimizer):
 
 
 def measure_floor(trainer, batch: int, repeats: int = 3) -> dict:
-    """One generate plus one forward/backward of the policy on a batch of the same shape."""
+    """One generate plus one forward/backward of the policy on a batch of the same shape (with the trainer's
+    sampling settings and prompt sharing)."""
     import torch
 
     from gipo.data import pad_left
@@ -502,13 +504,15 @@ def measure_floor(trainer, batch: int, repeats: int = 3) -> dict:
                            trainer.tokenizer.pad_token_id, trainer.settings)
         generate_s.append(time.perf_counter() - started)
         started = time.perf_counter()
-        logprobs, _ = response_logprobs(trainer.policy, rollout, trainer.config.temperature)
+        logprobs, _ = response_logprobs(trainer.policy, rollout, trainer.config.temperature,
+                                        share_prompts=trainer.config.share_prompt_prefix)
         (logprobs * rollout.response_mask).sum().backward()
         backward_s.append(time.perf_counter() - started)
         trainer.policy.zero_grad(set_to_none=True)
     with torch.no_grad():
         started = time.perf_counter()
-        response_logprobs(trainer.policy, rollout, trainer.config.temperature)
+        response_logprobs(trainer.policy, rollout, trainer.config.temperature,
+                          share_prompts=trainer.config.share_prompt_prefix)
         forward_s = time.perf_counter() - started
     return {"generate_s": statistics.median(generate_s), "forward_backward_s": statistics.median(backward_s),
             "forward_s": forward_s, "total_s": statistics.median(generate_s) + statistics.median(backward_s)}
@@ -831,6 +835,8 @@ def quality(args) -> dict:
     forward for the old log-probabilities, full logits and a full log_softmax for every log-probability,
     AdamW without foreach/fused kernels): reward curves."""
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ppo_quality-"))
+    # Both sides draw as HF generate does, so that they sample the same tokens and differ only in numerics.
+    args.gipo_set = [*args.gipo_set, "sampling_draws=multinomial"]
     try:
         spec = prepare_setting("tiny", work, args)
         curves = {}

@@ -398,13 +398,17 @@ def prompt_sharing_supported(model) -> bool:
     """Whether a forward of ``model`` can run each distinct prompt once and its responses on a copy of that
     prompt's KV cache: a plain (or PEFT, or adapter-disabled) decoder with a cache, without active dropout
     (shared prompt states would share their dropout masks) or gradient checkpointing (which turns the cache
-    off), and not inside a DDP / FSDP / DeepSpeed wrapper (their hooks expect one forward per backward)."""
+    off), and not inside a DDP / FSDP / DeepSpeed wrapper (their hooks expect one forward per backward).
+    Dropout counts in training mode only: a frozen reference in eval mode shares its prompts."""
     inner = _inner_model(model)
     checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers 5's name
     if checkpointing is None:
         checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    # The whole module, LoRA's dropout included (an AdapterDisabledReference holds its PEFT model as .model).
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", model)
+    random_forward = module.training and has_active_dropout(module)
     return (fast_sampling_supported(model) and not hasattr(model, "module") and not dist.is_sharded(model)
-            and not has_active_dropout(inner) and not checkpointing)
+            and not random_forward and not checkpointing)
 
 
 def response_logprobs(model: PreTrainedModel, rollout: Rollout, temperature: float, with_entropy: bool = False,

@@ -366,6 +366,10 @@ def test_shared_prompt_prefill_samples_what_the_plain_prefill_samples(model):
 def test_prompt_sharing_is_off_where_one_forward_per_backward_is_expected():
     model = build_embedded_model(build_embedded_tokenizer())
     assert prompt_sharing_supported(model)
+    model.config.attention_dropout = 0.1
+    assert not prompt_sharing_supported(model.train())  # the samples would share the prompt's dropout
+    assert prompt_sharing_supported(model.eval())  # a frozen reference's forward is not random
+    model.config.attention_dropout = 0.0
     model.gradient_checkpointing_enable()
     assert not prompt_sharing_supported(model)
     wrapped = torch.nn.Module()
