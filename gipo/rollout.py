@@ -281,8 +281,8 @@ def draw_tokens(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     (short of a product that rounds up to the total, which falls back to the last token). The sum runs in
     float64, so the last of 49k tokens keeps its share to ~1e-16."""
     cumulative = probs.to(torch.float64).cumsum(-1)
-    token = torch.searchsorted(cumulative[:, :-1], uniform * cumulative[:, -1:], right=True)
-    return token.squeeze(1)
+    token = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+    return token.squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 def _hf_positions(mask: torch.Tensor) -> torch.Tensor:
