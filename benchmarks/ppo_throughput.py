@@ -496,7 +496,9 @@ def measure_floor(trainer, batch: int, repeats: int = 3) -> dict:
     from gipo.data import pad_left
     from gipo.rollout import generate, response_logprobs
 
-    ids, mask = pad_left([trainer.encoded[i] for i in range(batch)], trainer.tokenizer.pad_token_id)
+    samples = trainer.config.num_generations  # each prompt's samples, as a training batch holds them
+    ids, mask = pad_left([trainer.encoded[i] for i in range(batch // samples) for _ in range(samples)],
+                         trainer.tokenizer.pad_token_id)
     generate_s, backward_s = [], []
     for _ in range(repeats):
         started = time.perf_counter()
