@@ -162,8 +162,8 @@ class PPOTrainer(BaseTrainer):
         self.dro_weights = torch.full((self.num_groups,), 1.0 / self.num_groups)
         self.gain_baseline: dict[int, float] = {}
         self.settings = SamplingSettings(config.max_new_tokens, config.temperature, config.top_k, config.top_p,
-                                         config.stop_on_eos, config.generation_backend, config.share_prompt_prefix,
-                                         config.sampling_draws)
+                                         config.stop_on_eos, backend=config.generation_backend,
+                                         share_prompts=config.share_prompt_prefix, draws=config.sampling_draws)
         # Sampling log-probabilities stand in for the old policy's only where a forward would give the same
         # numbers: the fast loop records them, no dropout makes the training-mode forward differ, and no bf16
         # autocast rounds the training forwards differently from the cached sampling ones.

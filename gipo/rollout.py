@@ -315,16 +315,16 @@ def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id
     stop_ids = _stop_ids(model, eos_id if settings.stop_on_eos else None, query_ids.device)
     synced = dist.is_sharded(model)
     states: list[torch.Tensor] = []
-    capacity = query_ids.shape[1] + steps + 1  # the prompt, each token, and with_states' final step
+    kv_cache = sampling_cache(model, capacity=query_ids.shape[1] + steps + 1)  # prompt, tokens, with_states' last
     if with_states:
         decoder, lm_head = causal_lm_parts(model)
-        cache = {_cache_keyword(decoder): sampling_cache(model, capacity)}
+        cache = {_cache_keyword(decoder): kv_cache}
 
         def forward(**inputs) -> torch.Tensor:
             states.append(decoder(**inputs, use_cache=True, **cache).last_hidden_state[:, -1])
             return lm_head(states[-1]).float()
     else:
-        cache = {_cache_keyword(model): sampling_cache(model, capacity)}
+        cache = {_cache_keyword(model): kv_cache}
 
         def forward(**inputs) -> torch.Tensor:
             return model(**inputs, use_cache=True, logits_to_keep=1, **cache).logits[:, -1].float()
@@ -336,7 +336,7 @@ def sample_fast(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id
         prompt_ids, prompt_mask, which = shared
         prompt_mask = prompt_mask.long()
         logits = forward(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_hf_positions(prompt_mask))[which]
-        next(iter(cache.values())).batch_select_indices(which)
+        kv_cache.batch_select_indices(which)
         if with_states:
             states[-1] = states[-1][which]
     done = 0
@@ -420,9 +420,8 @@ def response_logprobs(model: PreTrainedModel, rollout: Rollout, temperature: flo
     run each distinct prompt once, then every response on its prompt's KV cache: the same numbers up to float
     rounding (and the same gradient: it flows back through the cache to the prompt's forward), for the prompt
     tokens' compute and activations divided by the samples per prompt."""
-    shared = (shared_prompts(rollout.query_ids, rollout.query_mask)
-              if share_prompts and prompt_sharing_supported(model) else None)
-    if shared is not None:
+    shared = shared_prompts(rollout.query_ids, rollout.query_mask) if share_prompts else None
+    if shared is not None and prompt_sharing_supported(model):
         return _logprobs_on_shared_prompts(model, rollout, shared, temperature, with_entropy, entropy_grad)
     width = rollout.response_ids.shape[1]
     attention_mask = rollout.attention_mask
