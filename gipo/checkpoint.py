@@ -23,12 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from gipo.errors import CheckpointError
+
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.pt"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _sha256(path: Path) -> str:

@@ -10,7 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-from gipo.checkpoint import CheckpointError
 from gipo.config import (
     DPO_METHODS,
     METHOD_PRESETS,
@@ -26,13 +25,10 @@ from gipo.config import (
     parse_overrides,
     read_yaml,
 )
-from gipo.data import DataError
 from gipo.distributed import is_main_process, shutdown
-from gipo.models import ModelLoadError
-from gipo.trainer import NonFiniteError, RunDirError
+from gipo.errors import USER_ERRORS
 
 STAGES = {"sft": SFTConfig, "rm": RewardConfig, "train": PPOConfig, "dpo": DPOConfig}
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, RunDirError, CheckpointError, NonFiniteError)
 
 
 def _quiet_libraries() -> None:

@@ -30,6 +30,7 @@ from gipo.config import (
     read_yaml,
 )
 from gipo.evaluation import evaluate_run
+from gipo.run_dir import differing_keys
 from gipo.tasks import EXACT
 from gipo.tracking import read_metrics, read_text_or_gzip
 
@@ -430,8 +431,6 @@ def archive_results(out: str | Path, dest: str | Path) -> list[Path]:
 def identical_run(seed_dir: Path, config: PPOConfig) -> Path | None:
     """An evaluated run of this seed whose saved config equals ``config`` in every key that changes results (a
     sweep value equal to the plain compare's, say): training ``config`` again would only repeat it."""
-    from gipo.trainer import differing_keys
-
     for candidate in sorted(seed_dir.iterdir()):
         if candidate.is_symlink() or not (candidate / "eval.json").exists() or not (candidate / "config.yaml").exists():
             continue

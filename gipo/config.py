@@ -18,9 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used; the message names the key."""
+from gipo.errors import ConfigError
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,

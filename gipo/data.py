@@ -31,13 +31,10 @@ from typing import Any
 
 import torch
 
+from gipo.errors import DataError
 from gipo.tasks import SPLITS, PromptRecord, Task, get_task, prompt_key, split_of, task_names
 
 Prompt = str | list[dict[str, str]]
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the source, row and field."""
 
 
 def _open_bytes(path: Path):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from gipo.config import ConfigError
+from gipo.errors import ConfigError
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 """A sum over the batch's holders: :func:`local_sum` in pure math and tests, :func:`global_sum` in training."""

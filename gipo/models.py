@@ -38,6 +38,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from gipo.errors import ModelLoadError
+
 EMBEDDED = "embedded"
 EMBEDDED_CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
@@ -45,10 +47,6 @@ EMBEDDED_CHAT_TEMPLATE = (
     "{% else %}<|system|>{{ m['content'] }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-class ModelLoadError(RuntimeError):
-    """A model path or id that cannot be loaded; the message says what was tried."""
 
 
 def build_embedded_tokenizer() -> PreTrainedTokenizerFast:

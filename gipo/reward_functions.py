@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from gipo.config import ConfigError
+from gipo.errors import NonFiniteError
 from gipo.tasks import Task
-from gipo.trainer import NonFiniteError
 
 RewardFunction = Callable[[list[Any], list[str], list[dict[str, Any]]], Sequence[float]]
 PYTHON_PREFIX = "python:"

@@ -7,16 +7,8 @@ same for SFT, the reward model and PPO.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import errno
-import fcntl
-import json
 import math
-import os
 import random
-import shutil
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,108 +19,11 @@ from tqdm.auto import tqdm
 from gipo import checkpoint as ckpt
 from gipo import distributed as dist
 from gipo.allocator import keep_freed_memory
-from gipo.config import ConfigError, RunConfig, read_yaml, save_config
+from gipo.config import RunConfig
 from gipo.environment import write_environment
+from gipo.errors import ConfigError, NonFiniteError
+from gipo.run_dir import CHECKPOINT_SIZE_FACTOR, RunDir
 from gipo.tracking import MetricsLogger
-
-
-class NonFiniteError(FloatingPointError):
-    """NaN or inf in a quantity the run would train on."""
-
-    def __init__(self, quantity: str, step: int, problem: str | None = None):
-        super().__init__(f"Step {step}: {problem or f'{quantity} contains NaN or inf'}; the run stopped before "
-                         "training on it (the last checkpoint is intact). Lower the learning rate, check the reward "
-                         "and data, or set on_nonfinite=skip to skip such batches.")
-        self.quantity, self.step = quantity, step
-
-
-class RunDirError(RuntimeError):
-    pass
-
-
-LOCK_FILE = ".lock"
-# Free space a run needs before it starts, as a multiple of the trained parameters' size in bytes.
-CHECKPOINT_SIZE_FACTOR = 3  # weights plus AdamW's two moment buffers
-
-
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-class RunDirLock:
-    """An exclusive ``flock`` on ``RUN_DIR/.lock`` for the length of a run, so two runs never write the
-    same run directory at once.
-
-    The kernel drops a ``flock`` when its holder dies, so the file a killed run leaves behind never
-    blocks the next one; the PID and host written into it only serve the error message.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
-        self._fd: int | None = None
-
-    def _holder(self, fd: int) -> str:
-        text = ""
-        for _ in range(5):  # the holder may have locked the file but not yet written its PID
-            os.lseek(fd, 0, os.SEEK_SET)
-            text = os.read(fd, 4096).decode("utf-8", "replace").strip()
-            if text:
-                break
-            time.sleep(0.02)
-        try:
-            info = json.loads(text)
-            where = f" on host {info['host']}" if info.get("host") else ""
-            since = f", started {info['started']}" if info.get("started") else ""
-            return f"PID {info['pid']}{where}{since}"
-        except (ValueError, KeyError, TypeError):
-            return f"PID unknown ({self.path} reads {text[:200]!r})" if text else "PID unknown"
-
-    def acquire(self, stage: str = "train") -> None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise RunDirError(f"Cannot create the lock file {self.path}: {err.strerror or err}. "
-                              "Is the run directory writable?") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise RunDirError(f"Cannot lock {self.path}: {err.strerror or err}.") from None
-            holder = self._holder(fd)
-            os.close(fd)
-            raise RunDirError(f"Run directory {self.run_dir} is in use by another run ({holder}), which holds "
-                              f"{self.path}. Wait for it to finish or stop it, or give this run another "
-                              "--out.") from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
-                "started": datetime.datetime.now().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            os.ftruncate(fd, 0)  # an empty file: nobody holds it
-        except OSError:
-            pass
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    def __enter__(self) -> RunDirLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,23 +66,6 @@ def check_finite(step: int, **tensors: torch.Tensor) -> None:
     for name, bad in zip(tensors, dist.any_process(flags).tolist(), strict=True):
         if bad:
             raise NonFiniteError(name, step)
-
-
-def differing_keys(saved: dict[str, Any], current: RunConfig, *, missing_differ: bool = False) -> list[str]:
-    """Keys that change results and differ between a saved config and ``current`` (a key the saved config lacks
-    counts only with ``missing_differ``)."""
-    import dataclasses
-
-    keys = []
-    for f in dataclasses.fields(current):
-        if not f.metadata.get("result_affecting", True):
-            continue
-        if f.name not in saved:
-            if missing_differ:
-                keys.append(f"{f.name} (not saved)")
-        elif saved[f.name] != getattr(current, f.name):
-            keys.append(f"{f.name} (saved {saved[f.name]!r}, now {getattr(current, f.name)!r})")
-    return keys
 
 
 class BaseTrainer:
@@ -317,56 +195,6 @@ class BaseTrainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _check_run_dir_path(self, resume: bool) -> None:
-        """Before anything is locked or written: the run directory can be (or is) a writable folder."""
-        out = self.output_dir
-        if out.exists() and not out.is_dir():
-            raise RunDirError(f"Run directory {out} is a file; give --out a folder.")
-        if out.exists():
-            if not os.access(out, os.W_OK | os.X_OK):
-                raise RunDirError(f"Run directory {out} is not writable.")
-            for name in ("checkpoints", "final"):
-                sub = out / name
-                if sub.is_dir() and not os.access(sub, os.W_OK | os.X_OK):
-                    raise RunDirError(f"Run directory {out}: {sub} is not writable.")
-            return
-        if resume:
-            raise RunDirError(f"--resume: {out} holds no complete checkpoint to resume from (it does not exist).")
-        parent = out.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir():
-            raise RunDirError(f"Cannot create run directory {out}: {parent} is a file, not a folder.")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise RunDirError(f"Cannot create run directory {out}: {parent} is not writable.")
-
-    def _prepare_run_dir(self, resume: bool) -> Path | None:
-        """With the run directory locked: find the checkpoint to resume from, or clear an old run."""
-        out = self.output_dir
-        started = any((out / n).exists() for n in ("config.yaml", "metrics.jsonl", "checkpoints"))
-        if resume:
-            latest = ckpt.latest_good_checkpoint(out)
-            if latest is None:
-                raise RunDirError(f"--resume: {out} holds no complete checkpoint to resume from.")
-            saved = read_yaml(out / "config.yaml")
-            differences = differing_keys(saved, self.config)
-            if differences:
-                raise ConfigError(f"--resume: the config differs from the one saved in {out}/config.yaml in keys "
-                                  f"that change results: {'; '.join(differences)}. Resume with the same "
-                                  "values, or start a new run with --out.")
-            return latest
-        if started:
-            if not self.overwrite:
-                raise RunDirError(f"Run directory {out} already holds a run. Pass --resume to continue it or "
-                                  "--overwrite to replace it.")
-            for name in ("checkpoints", "final", "tensorboard", "metrics.jsonl", "eval.json", "environment.json"):
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        return None
-
     def checkpoint_size_estimate(self) -> int:
         """Bytes to have free before training: ``CHECKPOINT_SIZE_FACTOR`` times the size of the
         parameters the optimizers train (the models a checkpoint saves)."""
@@ -376,21 +204,6 @@ class BaseTrainer:
             return 0
         params = {id(p): p for opt in optimizers for group in opt.param_groups for p in group["params"]}
         return CHECKPOINT_SIZE_FACTOR * sum(p.numel() * p.element_size() for p in params.values())
-
-    def _check_disk_space(self) -> None:
-        needed = self.checkpoint_size_estimate()
-        free = shutil.disk_usage(self.output_dir).free
-        if free < needed:
-            raise RunDirError(f"Not enough free disk space for a checkpoint in {self.output_dir}: "
-                              f"{_format_bytes(free)} free, about {_format_bytes(needed)} needed "
-                              f"({CHECKPOINT_SIZE_FACTOR}x the trained parameters). Free some space or give "
-                              "--out on another disk.")
-
-    def _save_config(self) -> None:
-        path = self.output_dir / "config.yaml"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_config(self.config, tmp)
-        os.replace(tmp, path)  # a kill never leaves a half-written config.yaml for --resume to read
 
     def save_checkpoint(self) -> Path:
         rng = dist.gather_objects(ckpt.rng_state())
@@ -437,38 +250,26 @@ class BaseTrainer:
         """Run until ``max_steps``; with ``resume``, continue from the newest good checkpoint.
 
         The run directory is locked for the whole call (``RunDirLock``): a second run on it fails."""
-        lock = RunDirLock(self.output_dir)
-
-        def open_run_dir() -> None:
-            self._check_run_dir_path(resume)
-            try:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise RunDirError(f"Cannot create run directory {self.output_dir}: {err.strerror or err}.") from None
-            lock.acquire(self.stage)
-
-        self._on_main_process(open_run_dir)
+        run_dir = RunDir(self.output_dir, self.stage, overwrite=self.overwrite)
+        self._on_main_process(lambda: run_dir.open(resume))
         try:
-            self._train_locked(resume)
+            self._train_locked(run_dir, resume)
         finally:
-            lock.release()
+            run_dir.release()
         return self
 
-    def _open_checkpoints(self, resume: bool) -> Path | None:
-        # Whatever a killed run left half-written (nobody else writes here while we hold the lock).
-        ckpt.remove_temporaries(self.output_dir)
-        ckpt.remove_temporaries(self.output_dir / "checkpoints")
-        latest = self._prepare_run_dir(resume)
-        self._check_disk_space()
+    def _open_checkpoints(self, run_dir: RunDir, resume: bool) -> Path | None:
+        latest = run_dir.prepare(resume, self.config)
+        run_dir.check_disk_space(self.checkpoint_size_estimate())
         return latest
 
-    def _train_locked(self, resume: bool) -> None:
-        latest = self._on_main_process(lambda: self._open_checkpoints(resume))
+    def _train_locked(self, run_dir: RunDir, resume: bool) -> None:
+        latest = self._on_main_process(lambda: self._open_checkpoints(run_dir, resume))
         if latest is not None:
             self._restore(latest)
         main = dist.is_main_process()
         if main:
-            self._save_config()
+            run_dir.save_config(self.config)
             # The same code, config and seed give other numbers on a CPU with other kernels (or other library
             # versions): the record tells two runs' environments apart.
             write_environment(self.output_dir, self.device, resume=latest is not None)

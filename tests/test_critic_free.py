@@ -12,7 +12,7 @@ from gipo import PPOConfig, PPOTrainer, build_config
 from gipo.cli import main
 from gipo.compare import run_compare
 from gipo.config import ConfigError
-from gipo.trainer import NonFiniteError
+from gipo.errors import NonFiniteError
 from tests.conftest import QUIET
 
 REWARDS = Path(__file__).with_name("rewards.py")

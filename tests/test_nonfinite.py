@@ -9,7 +9,7 @@ import torch
 
 from gipo import PPOConfig, PPOTrainer, build_config
 from gipo.checkpoint import latest_good_checkpoint
-from gipo.trainer import NonFiniteError
+from gipo.errors import NonFiniteError
 from tests.conftest import QUIET
 
 

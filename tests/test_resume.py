@@ -11,7 +11,7 @@ import torch
 from gipo import PPOConfig, PPOTrainer, SFTConfig, SFTTrainer, build_config
 from gipo.checkpoint import latest_good_checkpoint, list_checkpoints
 from gipo.config import ConfigError
-from gipo.trainer import RunDirError
+from gipo.errors import RunDirError
 from tests.conftest import QUIET
 
 

@@ -16,9 +16,10 @@ import pytest
 
 from gipo import SFTConfig, SFTTrainer, build_config
 from gipo import checkpoint as ckpt
-from gipo.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, verify
+from gipo.checkpoint import latest_good_checkpoint, list_checkpoints, verify
+from gipo.errors import CheckpointError, RunDirError
+from gipo.run_dir import CHECKPOINT_SIZE_FACTOR, LOCK_FILE, RunDirLock
 from gipo.tracking import read_metrics
-from gipo.trainer import CHECKPOINT_SIZE_FACTOR, LOCK_FILE, RunDirError, RunDirLock
 from tests.conftest import QUIET
 
 
