@@ -311,6 +311,7 @@ def run_gipo(spec: dict, method: str, profile: bool) -> dict:
     import torch
     import transformers
 
+    import gipo.experience as gipo_experience
     import gipo.ppo as gipo_ppo
     from gipo import PPOConfig, PPOTrainer, build_config
 
@@ -334,8 +335,8 @@ def run_gipo(spec: dict, method: str, profile: bool) -> dict:
     records = [{"prompt": p, "group": "all"} for p in spec["prompts"]]
     trainer = PPOTrainer(config, prompts=records, output_dir=spec["run_dir"], overwrite=True,
                          reward_functions=[gipo_reward])
-    same_ids = trainer.encoded == spec["prompt_ids"]
-    trainer.encoded = [list(ids) for ids in spec["prompt_ids"]]
+    same_ids = trainer.collector.encoded == spec["prompt_ids"]
+    trainer.collector.encoded = [list(ids) for ids in spec["prompt_ids"]]
     trainer.sampler._shuffle = lambda: list(range(len(records)))  # file order, as TRL's unshuffled sampler
     trainer.sampler._order = trainer.sampler._shuffle()
 
@@ -343,11 +344,12 @@ def run_gipo(spec: dict, method: str, profile: bool) -> dict:
     prof = run.prof
     count_gipo_generation(prof, run.tokens, run.lengths)
     if profile:
-        gipo_ppo.response_logprobs = prof.timed(logprob_phase(trainer.reference), gipo_ppo.response_logprobs)
-        gipo_ppo.critic_values = prof.timed(
-            lambda *a, **k: "update: forward" if torch.is_grad_enabled() else "rollout: critic values",
-            gipo_ppo.critic_values)
-        trainer._score = prof.timed(PROFILE_ROWS[4], trainer._score)
+        for module in (gipo_ppo, gipo_experience):  # the update's forwards, and the rollout's
+            module.response_logprobs = prof.timed(logprob_phase(trainer.reference), module.response_logprobs)
+            module.critic_values = prof.timed(
+                lambda *a, **k: "update: forward" if torch.is_grad_enabled() else "rollout: critic values",
+                module.critic_values)
+        trainer.collector.score = prof.timed(PROFILE_ROWS[4], trainer.collector.score)
         trainer.backward = prof.timed("update: backward", trainer.backward)
         trainer.optimizer_step = prof.timed("update: clip + optimizer step", trainer.optimizer_step)
     training_step = trainer.training_step

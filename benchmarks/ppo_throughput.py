@@ -524,11 +524,11 @@ PLAIN_OPTIONS = {"generation_backend": "hf", "reuse_generation_logprobs": False,
 
 
 def count_gipo_generation(prof: Profile, tokens: list[int], lengths: list[float] | None = None) -> None:
-    """gipo.ppo's ``generate`` timed as "generation"; each call appends its generated token positions to
+    """gipo.experience's ``generate`` timed as "generation"; each call appends its generated token positions to
     ``tokens`` (and, given ``lengths``, the mean response length)."""
-    import gipo.ppo as gipo_ppo
+    import gipo.experience as gipo_experience
 
-    generation = gipo_ppo.generate
+    generation = gipo_experience.generate
 
     def counted_generation(*args, **kwargs):
         rollout = generation(*args, **kwargs)
@@ -537,13 +537,14 @@ def count_gipo_generation(prof: Profile, tokens: list[int], lengths: list[float]
             lengths.append(rollout.response_mask.sum(-1).float().mean().item())
         return rollout
 
-    gipo_ppo.generate = prof.timed("generation", counted_generation)
+    gipo_experience.generate = prof.timed("generation", counted_generation)
 
 
 def run_gipo(spec: dict, method: str, profile: bool, variant: str) -> dict:
     import torch
     import transformers
 
+    import gipo.experience as gipo_experience
     import gipo.ppo as gipo_ppo
     import gipo.rollout as gipo_rollout
     import gipo.trainer as gipo_trainer
@@ -552,7 +553,8 @@ def run_gipo(spec: dict, method: str, profile: bool, variant: str) -> dict:
     threads = setup_threads(spec)
     transformers.logging.set_verbosity_error()
     if variant == "plain":
-        gipo_ppo.response_logprobs = gipo_rollout.response_logprobs = plain_response_logprobs
+        gipo_ppo.response_logprobs = gipo_experience.response_logprobs = gipo_rollout.response_logprobs = \
+            plain_response_logprobs
         gipo_ppo.make_optimizer = plain_optimizer(gipo_ppo.make_optimizer)
     paths, setting = spec["paths"], spec["setting"]
     # The plain variant keeps what the options change in the method (shared_critic, ...), not the speed paths.
@@ -574,9 +576,9 @@ def run_gipo(spec: dict, method: str, profile: bool, variant: str) -> dict:
     }, source="ppo_throughput")
     records = [{"prompt": p, "group": "all"} for p in spec["prompts"]]
     trainer = PPOTrainer(config, prompts=records, output_dir=spec["run_dir"], overwrite=True)
-    if trainer.encoded != spec["prompt_ids"]:
+    if trainer.collector.encoded != spec["prompt_ids"]:
         print("note: gipo encoded the prompts differently; using the shared token ids", flush=True)
-        trainer.encoded = [list(ids) for ids in spec["prompt_ids"]]
+        trainer.collector.encoded = [list(ids) for ids in spec["prompt_ids"]]
 
     ends: list[float] = []
     steps: list[float] = []
@@ -587,14 +589,15 @@ def run_gipo(spec: dict, method: str, profile: bool, variant: str) -> dict:
     count_gipo_generation(prof, tokens)
     if profile:
         trainer.update = prof.timed("update", trainer.update)
-        gipo_ppo.response_logprobs = prof.timed(
-            lambda model, *a, **k: "update: forward (policy + critic)" if torch.is_grad_enabled() else
-            "rollout: policy logprobs" if model is trainer.policy else "rollout: reference logprobs",
-            gipo_ppo.response_logprobs)
-        gipo_ppo.critic_values = prof.timed(
-            lambda *a, **k: "update: forward (policy + critic)" if torch.is_grad_enabled() else
-            "rollout: critic values", gipo_ppo.critic_values)
-        trainer.scorer = prof.timed("rollout: reward model", trainer.scorer)
+        for module in (gipo_ppo, gipo_experience):  # the update's forwards, and the rollout's
+            module.response_logprobs = prof.timed(
+                lambda model, *a, **k: "update: forward (policy + critic)" if torch.is_grad_enabled() else
+                "rollout: policy logprobs" if model is trainer.policy else "rollout: reference logprobs",
+                module.response_logprobs)
+            module.critic_values = prof.timed(
+                lambda *a, **k: "update: forward (policy + critic)" if torch.is_grad_enabled() else
+                "rollout: critic values", module.critic_values)
+        trainer.collector.reward = prof.timed("rollout: reward model", trainer.collector.reward)
         trainer.optimizer_step = prof.timed("update: optimizer steps", trainer.optimizer_step)
         torch.Tensor.backward = prof.timed("update: backward", torch.Tensor.backward)
         gipo_trainer.MetricsLogger.log = prof.timed("logging", gipo_trainer.MetricsLogger.log)

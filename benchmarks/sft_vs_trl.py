@@ -4,7 +4,7 @@
 
 Both train the embedded tiny Llama on the built-in suite's demonstrations (completion-only loss);
 the first 10 steps are excluded from the median. This is the measurement behind gipo running its own
-SFT loop rather than TRL's SFTTrainer (see README, "Why gipo's own loops").
+SFT loop rather than TRL's SFTTrainer (see docs/performance.md, "Why gipo's own loops").
 """
 
 from __future__ import annotations

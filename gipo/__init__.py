@@ -19,13 +19,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from gipo.config import EvalConfig, PPOConfig, RewardConfig, SFTConfig, build_config, load_config
+from gipo.estimators import register_estimator
 from gipo.models import Critic, build_embedded_model, build_embedded_tokenizer
 from gipo.ppo import PPOTrainer
 from gipo.reward import RewardTrainer
+from gipo.reward_functions import register_reward
+from gipo.sampling import register_sampling_rule
 from gipo.sft import SFTTrainer
 from gipo.tasks import Task, register_task
 
 __all__ = [
     "Critic", "EvalConfig", "PPOConfig", "PPOTrainer", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer",
-    "Task", "build_config", "build_embedded_model", "build_embedded_tokenizer", "load_config", "register_task",
+    "Task", "build_config", "build_embedded_model", "build_embedded_tokenizer", "load_config", "register_estimator",
+    "register_reward", "register_sampling_rule", "register_task",
 ]

@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     about = {"sft": "Supervised fine-tuning on demonstrations.",
              "rm": "Train a Bradley-Terry reward model on preference pairs.",
-             "train": "PPO (or a group method: --set method=gipo) against a reward model.",
+             "train": "RL: PPO with a critic, or a critic-free estimator (--set method=grpo, rloo, ...), scored by a "
+                      "reward model, the task's gold reward (--set reward=gold) or reward functions; the group "
+                      "methods on either (--set method=gipo, grpo_gipo, ...).",
              "dpo": "DPO on preference pairs (a baseline for the RL methods)."}
     for name, cls in STAGES.items():
         sub = commands.add_parser(name, help=about[name], description=f"{about[name]}\n\nConfig keys:\n{describe(cls)}",

@@ -19,13 +19,19 @@ from typing import Any, TypeVar
 import yaml
 
 from gipo.errors import ConfigError
+from gipo.estimators import ESTIMATORS, get_estimator
+from gipo.registry import Registry
+from gipo.reward_functions import REWARD_SOURCES, reward_specs
+from gipo.sampling import SAMPLING_RULES
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-           max: float | None = None, min_exclusive: bool = False, result_affecting: bool = True) -> Any:
-    """A config field with its documentation and validation rules."""
+           max: float | None = None, min_exclusive: bool = False, result_affecting: bool = True,
+           registry: Registry | None = None) -> Any:
+    """A config field with its documentation and validation rules; ``registry``: the names it takes are that
+    registry's (listed by ``--help`` as they are when it runs, user registrations included)."""
     meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
-            "result_affecting": result_affecting}
+            "result_affecting": result_affecting, "registry": registry}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -162,36 +168,18 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "reinforce_pp": {"_about": "REINFORCE++, no critic", "estimator": "reinforce_pp", **_NO_GROUPS},
     "grpo_gipo": {"_about": "GRPO with the paper's three parts: groups inferred from the prompts' mean rewards, "
                   "invariant objective, group-adaptive KL", "estimator": "grpo", "groups": "inferred",
-                  "group_objective": "variance", "group_kl": True, "group_var": "mass", "group_sampling": False},
+                  "group_objective": "variance", "group_kl": True, "group_var": "mass", "prompt_sampling": "uniform"},
     "grpo_prompt_gdro": {"_about": "GRPO with Prompt-GDRO: pass-rate bins decide which prompts are sampled",
                          "estimator": "grpo", "groups": "difficulty", "group_objective": "none", "group_kl": False,
-                         "group_sampling": True},
+                         "prompt_sampling": "group_weights"},
     "grpo_gipo_sampling": {"_about": "GRPO whose batches are filled by the inferred groups' sampling weights (the "
                            "head places every prompt, seen or not, from its hidden state)", "estimator": "grpo",
                            "groups": "inferred", "group_objective": "none", "group_kl": False, "group_var": "mass",
-                           "group_sampling": True},
+                           "prompt_sampling": "group_weights"},
     "grpo_oracle_dro": {"_about": "GRPO with group DRO on the data's labels", "estimator": "grpo",
-                        "groups": "oracle", "group_objective": "dro", "group_kl": False, "group_sampling": False},
+                        "groups": "oracle", "group_objective": "dro", "group_kl": False, "prompt_sampling": "uniform"},
     "custom": {"_about": "no preset: set the group keys and the estimator yourself"},
 }
-
-ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
-# Estimators that compare a prompt's samples with each other, so they need several samples of each prompt.
-PER_PROMPT_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
-# What an unset (None) estimator-dependent key means, per estimator.
-ESTIMATOR_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gae": {"num_generations": 1, "kl_in": "reward", "loss_aggregation": "seq_mean_token_mean",
-            "scale_rewards": "none", "normalize_reward": True},
-    "grpo": {"num_generations": 8, "kl_in": "loss", "loss_aggregation": "seq_mean_token_mean",
-             "scale_rewards": "group", "normalize_reward": False},
-    "dr_grpo": {"num_generations": 8, "kl_in": "loss", "loss_aggregation": "seq_mean_token_sum_norm",
-                "scale_rewards": "none", "normalize_reward": False},
-    "rloo": {"num_generations": 8, "kl_in": "reward", "loss_aggregation": "seq_mean_token_mean",
-             "scale_rewards": "none", "normalize_reward": False},
-    "reinforce_pp": {"num_generations": 1, "kl_in": "reward", "loss_aggregation": "seq_mean_token_mean",
-                     "scale_rewards": "none", "normalize_reward": False},
-}
-
 
 def _preset_conflict(method: str, key: str, preset: Any, given: Any) -> str:
     return (f"PPOConfig: method={method} sets {key}={preset!r}, but {key}={given!r} was given. Use "
@@ -200,16 +188,19 @@ def _preset_conflict(method: str, key: str, preset: Any, given: Any) -> str:
 
 @dataclass
 class PPOConfig(RunConfig):
-    """PPO with a critic and a KL penalty to a frozen reference; the group method sits on top."""
+    """The RL stage: PPO with a critic (estimator gae) or a critic-free estimator (GRPO, Dr. GRPO, RLOO,
+    REINFORCE++, or one registered), scored by a reward model, the task's gold reward or reward functions, with a
+    KL penalty to a frozen reference; the group methods sit on top of either."""
 
     policy: str = option("runs/demo/sft/final", "Policy to train: a hub id or a local path.")
     reference: str | None = option(None, "Frozen reference policy (default: a copy of `policy`).")
     reward_model: str = option("runs/demo/rm/final", "Reward model (AutoModelForSequenceClassification, 1 label), "
                                "read when reward=model.")
     reward: str = option("model", "What scores a response: model (the reward model), gold (the task's own gold "
-                         "reward: a verifiable reward, no reward model loaded) or python:MODULE:FUNCTION (a function "
-                         "f(prompts, responses, records) -> list of floats; MODULE a dotted name or a .py file; "
-                         "several comma-separated, summed with reward_weights).")
+                         "reward: a verifiable reward, no reward model loaded), a registered reward function, or "
+                         "python:MODULE:FUNCTION (a function f(prompts, responses, records) -> list of floats; MODULE "
+                         "a dotted name or a .py file); several functions comma-separated, summed with "
+                         "reward_weights.", registry=REWARD_SOURCES)
     reward_weights: list[float] | None = option(None, "Weights of the reward functions, one each (default: 1 each).")
     critic: str | None = option(None, "Critic backbone (default: the reward model, as in TRL; the policy when "
                                 "there is no reward model); a value head and a group head are added on top. "
@@ -220,8 +211,9 @@ class PPOConfig(RunConfig):
                                  "reads detached hidden states. One process only.")
     dataset: str = option("builtin", "Prompts: a registered task name, a file or a dataset id with a prompt "
                           "(text or chat messages) and optionally a group per row.")
-    batch_size: int = option(64, "Prompts per PPO iteration (rollout batch).", min=1)
-    mini_batch_size: int = option(32, "Rollouts per optimizer step within an epoch.", min=1)
+    batch_size: int = option(64, "Samples (responses) per iteration, the rollout batch: num_generations samples of "
+                             "each of batch_size / num_generations prompts.", min=1)
+    mini_batch_size: int = option(32, "Samples per optimizer step within an epoch.", min=1)
     ppo_epochs: int = option(4, "Passes over each rollout batch.", min=1)
     max_steps: int = option(120, "PPO iterations.", min=1, result_affecting=False)
     learning_rate: float = option(1e-4, "Policy learning rate.", min=0, min_exclusive=True)
@@ -277,10 +269,9 @@ class PPOConfig(RunConfig):
                               min_exclusive=True)
     kl_horizon: int = option(10000, "Horizon of the adaptive KL controller, in samples.", min=1)
     # Advantage estimator (docs/method.md, "Critic-free RL")
-    estimator: str = option("gae", "Advantages: gae (PPO with a critic), grpo (reward minus the mean of the prompt's "
-                            "samples, over their std), dr_grpo (GRPO without the std, a constant loss normalizer), "
-                            "rloo (leave-one-out baseline), reinforce_pp (REINFORCE++: batch-whitened return, KL in "
-                            "the reward). Only gae builds a critic.", choices=ESTIMATORS)
+    estimator: str = option("gae", "Advantage estimator, a registered name or python:MODULE:FUNCTION "
+                            "(docs/extending.md). Only one that needs a critic (gae) builds a critic.",
+                            registry=ESTIMATORS)
     num_generations: int | None = option(None, "Samples per prompt (default: 8 for grpo, dr_grpo and rloo, else 1); "
                                          "batch_size counts samples and must be a multiple of it.", min=1)
     scale_rewards: str | None = option(None, "GRPO's advantage scale: group (the std of the prompt's samples, the "
@@ -360,9 +351,11 @@ class PPOConfig(RunConfig):
     group_ema: float = option(0.9, "Smoothing of group returns across iterations (for g_high).", min=0, max=0.999)
     gain_baseline_samples: int = option(2, "Reference responses per prompt for the gain's baseline.", min=1)
     # Groups of prompts without a critic (docs/method.md, "Groups without a critic")
-    group_sampling: bool = option(False, "The groups decide which prompts fill the next batch: multiplicative "
-                                  "weights on each group's mean-loss EMA (Prompt-GDRO's sampler). Critic-free "
-                                  "estimators, or groups=oracle/difficulty.")
+    prompt_sampling: str = option("uniform", "Which prompts fill the next batch: a registered sampling rule or "
+                                  "python:MODULE:CLASS (docs/extending.md). Rules that read the groups need them "
+                                  "(critic-free estimators, or groups=oracle/difficulty).", registry=SAMPLING_RULES)
+    group_sampling: bool = option(False, "Shorthand for prompt_sampling=group_weights (configs written before "
+                                  "prompt_sampling); set to true whenever the sampling rule reads the groups.")
     group_sampling_step_size: float = option(1.0, "eta of the sampling weights' multiplicative step (per unit of "
                                              "mean reward).", min=0)
     group_sampling_floor: float = option(0.1, "Share of the sampling mixed in uniformly over the groups, so that "
@@ -383,13 +376,16 @@ class PPOConfig(RunConfig):
             if getattr(self, key) != defaults[key]:
                 raise ConfigError(_preset_conflict(self.method, key, value, getattr(self, key)))
             setattr(self, key, value)
-        for key, value in ESTIMATOR_DEFAULTS.get(self.estimator, {}).items():
+        for key, value in get_estimator(self.estimator).defaults.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.group_sampling and self.prompt_sampling == "uniform":
+            self.prompt_sampling = "group_weights"
+        self.group_sampling = bool(getattr(SAMPLING_RULES.get(self.prompt_sampling), "needs_groups", False))
 
     @property
     def uses_critic(self) -> bool:
-        return self.estimator == "gae"
+        return get_estimator(self.estimator).needs_critic
 
     @property
     def prompts_per_batch(self) -> int:
@@ -424,24 +420,17 @@ class PPOConfig(RunConfig):
             raise ConfigError("PPOConfig: group_kl needs groups: set groups to inferred or oracle.")
 
     def _validate_estimator(self) -> None:
-        from gipo.reward_functions import reward_specs
-
         reward_specs(self.reward)
         if self.reward_weights is not None and not self.reward.startswith("python:"):
             raise ConfigError(f"PPOConfig: reward_weights weight reward functions; reward={self.reward!r} has none "
                               "(give reward=python:MODULE:FUNCTION,...).")
+        get_estimator(self.estimator).check(self)
         g = self.num_generations
-        if self.estimator in PER_PROMPT_ESTIMATORS and g < 2:
-            raise ConfigError(f"PPOConfig: estimator={self.estimator} compares a prompt's samples with each other and "
-                              f"needs num_generations > 1 (got {g}).")
         if self.batch_size % g:
             raise ConfigError(f"PPOConfig: batch_size ({self.batch_size}) counts samples and must be a multiple of "
                               f"num_generations ({g}).")
         if self.filter_zero_std and g < 2:
             raise ConfigError("PPOConfig: filter_zero_std compares a prompt's samples; it needs num_generations > 1.")
-        if self.estimator == "dr_grpo" and self.scale_rewards != "none":
-            raise ConfigError(f"PPOConfig: dr_grpo divides by no std (scale_rewards=none); scale_rewards="
-                              f"{self.scale_rewards} is grpo's (estimator=grpo).")
         if not self.uses_critic:
             needs = [name for name, on in (("shared_critic", self.shared_critic), ("critic", self.critic)) if on]
             if needs:
@@ -451,10 +440,11 @@ class PPOConfig(RunConfig):
                 raise ConfigError(f"PPOConfig: without a critic, inferred groups form from each prompt's mean reward; "
                                   f"group_signal={self.group_signal} is the critic's (estimator=gae).")
         if self.group_sampling and self.groups == "none":
-            raise ConfigError("PPOConfig: group_sampling needs groups: set groups to inferred, difficulty or oracle.")
+            raise ConfigError(f"PPOConfig: prompt_sampling={self.prompt_sampling} reads the groups: set groups to "
+                              "inferred, difficulty or oracle.")
         if self.group_sampling and self.uses_critic and self.groups == "inferred":
-            raise ConfigError("PPOConfig: group_sampling with inferred groups reads the prompt head of the critic-free "
-                              "estimators; with gae use groups=difficulty or oracle.")
+            raise ConfigError(f"PPOConfig: prompt_sampling={self.prompt_sampling} with inferred groups reads the "
+                              "prompt head of the critic-free estimators; with gae use groups=difficulty or oracle.")
 
 
 @dataclass
@@ -660,5 +650,7 @@ def describe(cls: type) -> str:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         extra = f" (one of: {', '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else ""
+        if f.metadata.get("registry") is not None:
+            extra = f" {f.metadata['registry'].describe()}"
         lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}{extra}")
     return "\n".join(lines)

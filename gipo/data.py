@@ -377,6 +377,17 @@ def load_prompts(spec: str, split: str, n_per_group: int, seed: int) -> list[Pro
     return records
 
 
+def load_training_prompts(tokenizer, dataset: str, given: list[PromptRecord] | None, n_per_group: int, seed: int,
+                          max_length: int, long_prompts: str) -> tuple[list[PromptRecord], list[list[int]], Task | None]:
+    """An RL run's prompt records (``given``, else the dataset's train split), their token ids, and the task whose
+    gold reward scores them (None for prompts passed in: they carry no gold)."""
+    records = given if given is not None else load_prompts(dataset, "train", n_per_group, seed)
+    if long_prompts == "shorten":
+        records, _ = fit_to_length(tokenizer, records, max_length, sides=())
+    encoded = encode_prompts(tokenizer, [r["prompt"] for r in records], max_length, dataset)
+    return records, encoded, get_task(dataset) if given is None else None
+
+
 def load_sft_examples(spec: str, n_per_group: int, seed: int) -> list[dict[str, Any]]:
     """``{"prompt", "completion", "group"}`` rows: a task's demonstrations, prompt/completion rows, or the
     chosen replies of a preference spec (hh:, chat:, bigbench:, several sources)."""

@@ -185,5 +185,5 @@ class DPOTrainer(BaseTrainer):
 
     def evaluate(self, n_per_group: int | None = None) -> dict[str, Any]:
         return evaluate_policy(self.model, self.tokenizer, self.config.eval_dataset or self.config.dataset,
-                               n_per_group=n_per_group or self.config.eval_prompts, settings=SamplingSettings(),
+                               n_per_group=n_per_group or self.config.eval_prompts, settings=SamplingSettings(backend="hf"),
                                reference=self.reference, device=self.device)

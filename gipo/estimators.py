@@ -1,4 +1,15 @@
-"""Critic-free advantage estimators as pure functions of tensors: GRPO, Dr. GRPO, RLOO, REINFORCE++.
+"""Advantage estimators as pure functions of tensors behind a registry: GAE (PPO, with a critic) and the
+critic-free GRPO, Dr. GRPO, RLOO and REINFORCE++.
+
+Every registered estimator has one signature, ``AdvantageFn``::
+
+    fn(token_rewards, response_mask, values, settings, reduce) -> (advantages, returns)
+
+``token_rewards`` (B, T) are the shaped per-token rewards (the score on each response's last token, a KL
+penalty per token where it is in the reward), ``values`` (B, T) the critic's (None without a critic),
+``settings`` the config keys estimators read (``AdvantageSettings``); it returns per-token advantages (B, T) and
+the critic's targets (None without a critic). ``register_estimator`` adds one, with what it needs (a critic,
+several samples per prompt) and the defaults it implies for the keys left unset.
 
 Layout: a batch holds ``G = num_generations`` samples of each prompt, one prompt's samples next to each
 other, so ``rewards.view(-1, G)`` has one row per prompt. (These per-prompt sets of samples are what GRPO
@@ -9,10 +20,16 @@ Every process holds whole prompts, so the per-prompt statistics need no communic
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 from gipo.distributed import Reduce, local_sum
-from gipo.losses import masked_whiten
+from gipo.errors import ConfigError
+from gipo.losses import compute_gae, masked_whiten
+from gipo.registry import Registry
 
 # As TRL's GRPOTrainer: keeps a prompt whose samples are nearly equal from dividing by ~0.
 STD_EPS = 1e-4
@@ -82,3 +99,112 @@ def zero_std_prompts(rewards: torch.Tensor, num_generations: int, tol: float = 1
     rows = per_prompt(rewards, num_generations)
     same = (rows.max(dim=1).values - rows.min(dim=1).values) <= tol
     return same.repeat_interleave(num_generations)
+
+
+# --- the registry ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdvantageSettings:
+    """The config keys an estimator reads."""
+
+    num_generations: int = 1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    scale_rewards: str = "none"
+
+    @classmethod
+    def from_config(cls, config: Any) -> AdvantageSettings:
+        return cls(config.num_generations, config.gamma, config.lam, config.whiten_advantages, config.scale_rewards)
+
+
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, AdvantageSettings, Reduce],
+                       tuple[torch.Tensor, torch.Tensor | None]]
+
+# What the estimator-dependent keys left unset (None) become; an estimator overrides some of them.
+UNSET_DEFAULTS: dict[str, Any] = {"num_generations": 1, "kl_in": "reward", "loss_aggregation":
+                                        "seq_mean_token_mean", "scale_rewards": "none", "normalize_reward": False}
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A registered estimator: its function, what it needs, and the defaults it implies."""
+
+    name: str
+    fn: AdvantageFn
+    needs_critic: bool = False
+    min_generations: int = 1  # > 1: it compares a prompt's samples with each other
+    defaults: dict[str, Any] = field(default_factory=lambda: dict(UNSET_DEFAULTS))
+    requires: dict[str, Any] = field(default_factory=dict)  # keys that must hold these values
+
+    def check(self, config: Any) -> None:
+        """A ConfigError when ``config`` cannot run this estimator."""
+        if config.num_generations < self.min_generations:
+            raise ConfigError(f"PPOConfig: estimator={self.name} compares a prompt's samples with each other and "
+                              f"needs num_generations >= {self.min_generations} (got {config.num_generations}).")
+        for key, value in self.requires.items():
+            if getattr(config, key) != value:
+                raise ConfigError(f"PPOConfig: estimator={self.name} needs {key}={value} (got "
+                                  f"{getattr(config, key)}).")
+
+
+def _from_python(spec: str, fn: Any) -> Estimator:
+    return fn if isinstance(fn, Estimator) else Estimator(spec, fn)
+
+
+ESTIMATORS: Registry[Estimator] = Registry("advantage estimator", "estimator", _from_python)
+
+
+def register_estimator(name: str, fn: AdvantageFn, *, needs_critic: bool = False, min_generations: int = 1,
+                       defaults: dict[str, Any] | None = None, requires: dict[str, Any] | None = None,
+                       about: str = "", replace: bool = False) -> Estimator:
+    """Add an estimator, found by name from YAML (``estimator: NAME``) and Python. ``defaults`` fill the keys a
+    config leaves unset (num_generations, kl_in, loss_aggregation, scale_rewards, normalize_reward; the rest
+    from ``UNSET_DEFAULTS``); ``requires`` are values the estimator cannot run without."""
+    entry = Estimator(name, fn, needs_critic, min_generations, {**UNSET_DEFAULTS, **(defaults or {})},
+                      dict(requires or {}))
+    return ESTIMATORS.register(name, entry, about, replace=replace)
+
+
+def get_estimator(name: str) -> Estimator:
+    return ESTIMATORS.get(name)
+
+
+def gae(token_rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings,
+        reduce: Reduce = local_sum) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over the critic's values, whitened over the batch where ``whiten_advantages``; returns its targets."""
+    advantages, returns = compute_gae(token_rewards, values, mask, settings.gamma, settings.lam)
+    if settings.whiten_advantages:
+        advantages = masked_whiten(advantages, mask, reduce=reduce)
+    return advantages, returns
+
+
+def _per_sequence(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence-level advantage (B,) on every response token (B, T)."""
+    return advantages.unsqueeze(-1) * mask
+
+
+def grpo(token_rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings,
+         reduce: Reduce = local_sum) -> tuple[torch.Tensor, None]:
+    advantages = grpo_advantages(token_rewards.sum(-1), settings.num_generations, settings.scale_rewards, reduce)
+    return _per_sequence(advantages, mask), None
+
+
+def rloo(token_rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings,
+         reduce: Reduce = local_sum) -> tuple[torch.Tensor, None]:
+    return _per_sequence(rloo_advantages(token_rewards.sum(-1), settings.num_generations), mask), None
+
+
+def reinforce_pp(token_rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
+                 settings: AdvantageSettings, reduce: Reduce = local_sum) -> tuple[torch.Tensor, None]:
+    return reinforce_pp_advantages(token_rewards, mask, settings.gamma, reduce), None
+
+
+register_estimator("gae", gae, needs_critic=True, about="PPO with a critic: GAE, whitened",
+                   defaults={"normalize_reward": True})
+register_estimator("grpo", grpo, min_generations=2, about="reward minus the mean of the prompt's samples, over their "
+                   "std", defaults={"num_generations": 8, "kl_in": "loss", "scale_rewards": "group"})
+register_estimator("dr_grpo", grpo, min_generations=2, about="GRPO without the std, a constant loss normalizer",
+                   defaults={"num_generations": 8, "kl_in": "loss", "loss_aggregation": "seq_mean_token_sum_norm"},
+                   requires={"scale_rewards": "none"})
+register_estimator("rloo", rloo, min_generations=2, about="leave-one-out baseline", defaults={"num_generations": 8})
+register_estimator("reinforce_pp", reinforce_pp, about="REINFORCE++: batch-whitened return, KL in the reward")

@@ -200,7 +200,7 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
     judge = None
     if config.judge:
         judge = RewardScorer(load_reward_model(config.judge).to(device), load_tokenizer(config.judge), tokenizer)
-    settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+    settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature, backend="hf")
     dataset = config.dataset or run_config.get("eval_dataset") or run_config["dataset"]
     report = evaluate_policy(policy, tokenizer, dataset,
                              n_per_group=config.eval_prompts, settings=settings, reference=reference, scorer=scorer,
@@ -211,3 +211,20 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
                              rows_path=run_dir / "eval_rows.jsonl")
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """An ``eval.json`` report as the metrics a training run logs: ``eval/gold/GROUP``, ``eval/reward/GROUP``,
+    ``eval/gold/ood_SPLIT`` and ``eval/worst_group_gold``."""
+    metrics = {}
+    for name, group in report["groups"].items():
+        for key in ("gold", "reward"):
+            if group[key] is not None:
+                metrics[f"eval/{key}/{name}"] = group[key]
+    for split, summary in report["ood"].items():
+        for key in ("gold", "reward"):
+            if summary[key] is not None:
+                metrics[f"eval/{key}/ood_{split}"] = summary[key]
+    if report["worst_group"]["gold"] is not None:
+        metrics["eval/worst_group_gold"] = report["worst_group"]["gold"]
+    return metrics

@@ -9,8 +9,8 @@ pass rate under a verifiable 0/1 reward, its mean gold under the built-in suites
   and is trained to maximize the mass-weighted between-group variance of the per-prompt means;
 - ``difficulty``: Prompt-GDRO's bins (Panaganti et al., 2026) of an EMA of each prompt's mean reward;
 - ``oracle``: the data's labels.
-With ``group_sampling`` the groups decide which prompts fill the next batch: multiplicative weights on an EMA
-of each group's mean loss (the negative mean reward), mixed with the uniform distribution.
+The sampling rule (``gipo.sampling``, ``prompt_sampling``) decides from the groups which prompts fill the next
+batch; its state is checkpointed with the rest.
 """
 
 from __future__ import annotations
@@ -26,10 +26,7 @@ from gipo import distributed as dist
 from gipo import groups as G
 from gipo.config import PPOConfig
 from gipo.data import EpochSampler
-
-# Candidates drawn per prompt of the batch when sampling by group weights: enough for a group with a small share
-# of the data to be found among them.
-POOL_FACTOR = 4
+from gipo.sampling import SamplingRule
 
 
 def per_prompt_means(values: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -76,12 +73,13 @@ class DifficultyTracker:
 
 
 class PromptGroups:
-    """The group side of a critic-free run. ``labels(indices)`` gives the data's group index of prompts;
-    ``states(indices)`` the policy's hidden states at their last tokens (for the inferred head)."""
+    """Groups of whole prompts. ``labels(indices)`` gives the data's group index of prompts; ``states(indices)``
+    the policy's hidden states at their last tokens (for the inferred head); ``rule`` chooses from the groups
+    which prompts are sampled."""
 
     def __init__(self, config: PPOConfig, num_groups: int, hidden_size: int,
                  labels: Callable[[list[int]], torch.Tensor], states: Callable[[list[int]], torch.Tensor],
-                 device: torch.device):
+                 device: torch.device, rule: SamplingRule):
         self.config, self.num_groups, self.device = config, num_groups, device
         self.labels, self.states = labels, states
         self.head: nn.Module | None = None
@@ -91,21 +89,12 @@ class PromptGroups:
             nn.init.zeros_(self.head.bias)
             self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=config.group_head_learning_rate)
         self.difficulty = DifficultyTracker(config.difficulty_ema)
-        self.weights = torch.full((num_groups,), 1.0 / num_groups)
-        self.loss_ema = torch.zeros(num_groups)
-        self.seen = torch.zeros(num_groups, dtype=torch.bool)
+        self.rule = rule
 
     # --- which prompts ----------------------------------------------------------------------------------
     def choose_prompts(self, sampler: EpochSampler, n: int, step: int) -> list[int]:
-        """The next batch's prompts: the sampler's next ``n``, or with ``group_sampling``, ``n`` of the next
-        ``POOL_FACTOR * n`` chosen by the group weights. Every process chooses the same (the draw is seeded by
-        the step)."""
-        if not self.config.group_sampling:
-            return sampler.next_batch(n)
-        candidates = sampler.next_batch(POOL_FACTOR * n)
-        groups = self.assign(candidates).argmax(-1).tolist()
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + step)
-        return [candidates[p] for p in G.select_by_group_weights(groups, self.weights, n, generator)]
+        """The next batch's ``n`` prompts, as the sampling rule chooses them from the groups."""
+        return self.rule.choose(sampler, n, step, self.assign)
 
     def assign(self, indices: list[int], states: torch.Tensor | None = None) -> torch.Tensor:
         """Each prompt's group assignment (P, M): the head's soft one, a one-hot bin or label."""
@@ -137,26 +126,18 @@ class PromptGroups:
                 self.difficulty.update(part_indices, part_means)
         observed = G.group_masses(probs, reduce) > 0
         group_losses = -G.soft_group_means(probs, means, reduce).cpu()
-        self.loss_ema = G.update_loss_ema(self.loss_ema, group_losses, observed.cpu(), self.seen,
-                                          self.config.difficulty_ema)
-        self.seen = self.seen | observed.cpu()
-        if self.config.group_sampling:
-            self.weights = G.update_sampling_weights(self.weights, self.loss_ema, self.seen,
-                                                     self.config.group_sampling_step_size,
-                                                     self.config.group_sampling_floor)
-            metrics.update({f"groups/sampling_weight/{g}": float(w) for g, w in enumerate(self.weights)})
+        metrics.update(self.rule.observe(group_losses, observed.cpu()))
         return probs, metrics
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"weights": self.weights, "loss_ema": self.loss_ema, "seen": self.seen,
-                                 "difficulty": dict(self.difficulty.rates)}
+        state: dict[str, Any] = {**self.rule.state_dict(), "difficulty": dict(self.difficulty.rates)}
         if self.head is not None:
             state.update(head=self.head.state_dict(), head_optimizer=self.head_optimizer.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weights, self.loss_ema, self.seen = state["weights"], state["loss_ema"], state["seen"]
+        self.rule.load_state_dict(state)
         self.difficulty.rates = dict(state["difficulty"])
         if self.head is not None:
             self.head.load_state_dict(state["head"])

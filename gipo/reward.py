@@ -84,7 +84,7 @@ def load_or_sample_pairs(dataset: str, tokenizer, policy_path: str, num_pairs: i
     if task is None:
         return load_preference_pairs(dataset, split)
     policy = load_causal_lm(policy_path).to(device)
-    pairs = sample_preference_pairs(policy, tokenizer, task, num_pairs, noise_temperature, seed, SamplingSettings(),
+    pairs = sample_preference_pairs(policy, tokenizer, task, num_pairs, noise_temperature, seed, SamplingSettings(backend="hf"),
                                     device=device, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "pairs.jsonl").open("w", encoding="utf-8") as handle:

@@ -1,75 +1,32 @@
-"""Rewards that are functions: the task's own gold reward, or a user's Python functions (as TRL's reward
-functions), checked on every call.
+"""Reward sources behind a registry: what scores a response. ``reward: NAME`` picks one:
 
-``reward: model`` (a learned reward model) is scored in ``gipo.rollout.RewardScorer``; this module covers
-``reward: gold`` and ``reward: python:MODULE:FUNCTION``. A function is called as
-``f(prompts, responses, records) -> list[float]``: ``prompts`` as the data gives them (text or chat
-messages), ``responses`` the decoded responses, ``records`` the prompt records (every field of the row, its
-``group`` included). Several functions are summed with ``reward_weights``.
+- ``model``: a learned reward model (``ModelReward``, scoring the rollout's tokens);
+- ``gold``: the task's own gold reward, a verifiable reward;
+- ``python:MODULE:FUNCTION``, or a name given to ``register_reward``: a function (as TRL's reward functions)
+  ``f(prompts, responses, records) -> list[float]``: ``prompts`` as the data gives them (text or chat
+  messages), ``responses`` the decoded responses, ``records`` the prompt records (every field of the row, its
+  ``group`` included). Several, comma-separated, are summed with ``reward_weights``.
+
+Every source has one protocol, ``RewardSource``: ``source(rollout, prompts, records, step) -> scores (B,)``. The
+registry holds factories ``(RewardContext) -> RewardSource``; a function's values are checked on every call.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
-from gipo.config import ConfigError
-from gipo.errors import NonFiniteError
+from gipo.errors import ConfigError, NonFiniteError
+from gipo.models import load_reward_model, load_tokenizer
+from gipo.registry import PYTHON_PREFIX, Registry, is_python_spec
+from gipo.rollout import RewardScorer, Rollout, decode_responses
 from gipo.tasks import Task
 
 RewardFunction = Callable[[list[Any], list[str], list[dict[str, Any]]], Sequence[float]]
-PYTHON_PREFIX = "python:"
-
-
-def reward_specs(reward: str) -> list[str]:
-    """``"python:a:f,python:b:g"`` -> one spec per function; ``model`` and ``gold`` stand alone."""
-    specs = [part.strip() for part in reward.split(",") if part.strip()]
-    if not specs:
-        raise ConfigError("reward is empty; allowed: model, gold, or python:MODULE:FUNCTION (comma-separated).")
-    for spec in specs:
-        if spec in ("model", "gold") and len(specs) > 1:
-            raise ConfigError(f"reward={reward!r}: {spec} stands alone; combine only python:MODULE:FUNCTION specs.")
-        if spec not in ("model", "gold") and not (spec.startswith(PYTHON_PREFIX) and spec.count(":") >= 2):
-            raise ConfigError(f"reward={reward!r}: {spec!r} is not model, gold or python:MODULE:FUNCTION (MODULE a "
-                              "dotted module name or a .py file).")
-    return specs
-
-
-def _import_module(name: str, spec: str):
-    if name.endswith(".py"):
-        path = Path(name)
-        if not path.is_file():
-            raise ConfigError(f"reward {spec}: file {path} does not exist.")
-        loaded = importlib.util.spec_from_file_location(f"gipo_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(loaded)
-        loaded.loader.exec_module(module)
-        return module
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:  # `gipo` the command does not put cwd on the path
-        sys.path.append(str(Path.cwd()))
-    return importlib.import_module(name)
-
-
-def load_function(spec: str) -> RewardFunction:
-    """``python:MODULE:FUNCTION`` -> the function; a clear ConfigError when it cannot be had."""
-    module_name, _, function_name = spec.removeprefix(PYTHON_PREFIX).rpartition(":")
-    try:
-        module = _import_module(module_name, spec)
-    except ConfigError:
-        raise
-    except Exception as err:  # an import runs the user's code: any error means "cannot load it"
-        raise ConfigError(f"reward {spec}: cannot import {module_name}: {type(err).__name__}: {err}") from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise ConfigError(f"reward {spec}: {module_name} has no function {function_name!r}.")
-    return function
 
 
 @dataclass
@@ -105,28 +62,6 @@ class RewardFunctions:
     def __init__(self, functions: list[NamedReward]):
         self.functions = functions
 
-    @classmethod
-    def from_config(cls, reward: str, weights: list[float] | None, task: Task | None,
-                    given: list[RewardFunction] | None = None) -> RewardFunctions:
-        """From ``reward`` (gold or python specs), or the functions ``given`` in Python, with ``weights``."""
-        if given:
-            functions = [NamedReward(getattr(f, "__name__", f"function {i}"), f) for i, f in enumerate(given)]
-        elif reward == "gold":
-            if task is None:
-                raise ConfigError("reward=gold needs a registered task as the dataset (its gold reward scores the "
-                                  "responses); for other prompts give reward=python:MODULE:FUNCTION.")
-            functions = [NamedReward("gold", gold_reward_function(task))]
-        else:
-            functions = [NamedReward(spec.removeprefix(PYTHON_PREFIX), load_function(spec))
-                         for spec in reward_specs(reward)]
-        if weights is not None:
-            if len(weights) != len(functions):
-                raise ConfigError(f"reward_weights has {len(weights)} weights for {len(functions)} reward functions "
-                                  f"({', '.join(f.name for f in functions)}).")
-            for function, weight in zip(functions, weights, strict=True):
-                function.weight = weight
-        return cls(functions)
-
     def __call__(self, prompts: list[Any], responses: list[str], records: list[dict[str, Any]],
                  step: int = 0) -> torch.Tensor:
         total = torch.zeros(len(responses))
@@ -146,3 +81,114 @@ class RewardFunctions:
                        for i, (v, p) in enumerate(zip(values, prompts, strict=True))]
             total += reward.weight * torch.tensor(checked)
         return total
+
+
+class RewardSource(Protocol):
+    """Scores one batch of rollouts: (B,) on the rollout's device."""
+
+    def __call__(self, rollout: Rollout, prompts: list[Any], records: list[dict[str, Any]],
+                 step: int) -> torch.Tensor: ...
+
+
+@dataclass
+class RewardContext:
+    """What a reward source may be built from: the run's keys, the policy's tokenizer, and anything passed in."""
+
+    reward: str
+    reward_weights: list[float] | None
+    dataset: str
+    task: Task | None
+    tokenizer: Any
+    device: torch.device
+    reward_model_path: str = ""
+    reward_model: Any = None
+    reward_tokenizer: Any = None
+    functions: list[RewardFunction] = field(default_factory=list)
+
+
+class ModelReward:
+    """A learned reward model's score of each rollout (``reward: model``)."""
+
+    def __init__(self, context: RewardContext):
+        model = context.reward_model or load_reward_model(context.reward_model_path)
+        self.reward_model = model.to(context.device).eval().requires_grad_(False)
+        tokenizer = context.reward_tokenizer or load_tokenizer(context.reward_model_path)
+        self.scorer = RewardScorer(self.reward_model, tokenizer, context.tokenizer)
+
+    def __call__(self, rollout: Rollout, prompts: list[Any], records: list[dict[str, Any]],
+                 step: int) -> torch.Tensor:
+        return self.scorer(rollout, prompts)
+
+
+class FunctionReward:
+    """Reward functions of the decoded responses, checked and summed with their weights."""
+
+    def __init__(self, functions: list[NamedReward], tokenizer: Any):
+        self.functions = RewardFunctions(functions)
+        self.tokenizer = tokenizer
+
+    def __call__(self, rollout: Rollout, prompts: list[Any], records: list[dict[str, Any]],
+                 step: int) -> torch.Tensor:
+        responses = decode_responses(self.tokenizer, rollout)
+        return self.functions(prompts, responses, records, step).to(rollout.query_ids.device)
+
+
+RewardFactory = Callable[[RewardContext], RewardSource]
+
+
+def _gold(context: RewardContext) -> FunctionReward:
+    if context.task is None:
+        raise ConfigError(f"reward=gold needs dataset to be a registered task whose prompts the trainer loads "
+                          f"(dataset={context.dataset!r}; prompts passed in carry no gold reward); give "
+                          "reward_functions= or reward=python:MODULE:FUNCTION instead.")
+    return FunctionReward([NamedReward("gold", gold_reward_function(context.task))], context.tokenizer)
+
+
+def _function_factory(name: str, function: RewardFunction) -> RewardFactory:
+    return lambda context: FunctionReward([NamedReward(name, function)], context.tokenizer)
+
+
+REWARD_SOURCES: Registry[RewardFactory] = Registry(
+    "reward source", "reward", lambda spec, function: _function_factory(spec.removeprefix(PYTHON_PREFIX), function))
+REWARD_SOURCES.register("model", ModelReward, "the reward model at reward_model")
+REWARD_SOURCES.register("gold", _gold, "the task's own gold reward: a verifiable reward, no reward model")
+STANDALONE = ("model",)  # sources that are not functions, so cannot be summed with others
+
+
+def register_reward(name: str, function: RewardFunction, about: str = "", *, replace: bool = False) -> None:
+    """Add a reward function ``f(prompts, responses, records) -> list[float]``, found as ``reward: NAME``."""
+    REWARD_SOURCES.register(name, _function_factory(name, function), about, replace=replace)
+
+
+def reward_specs(reward: str) -> list[str]:
+    """``"python:a:f,gold"`` -> one spec per source, each registered or a python spec (not loaded here)."""
+    specs = [part.strip() for part in reward.split(",") if part.strip()]
+    if not specs:
+        raise ConfigError(f"reward is empty. {REWARD_SOURCES.describe()}")
+    for spec in specs:
+        if spec in STANDALONE and len(specs) > 1:
+            raise ConfigError(f"reward={reward!r}: {spec} stands alone; combine only reward functions.")
+        if spec not in REWARD_SOURCES and not is_python_spec(spec):
+            raise ConfigError(f"reward={reward!r}: {spec!r} is not a registered reward source or "
+                              f"python:MODULE:FUNCTION (MODULE a dotted module name or a .py file). "
+                              f"{REWARD_SOURCES.describe()}")
+    return specs
+
+
+def make_reward_source(context: RewardContext) -> RewardSource:
+    """The source ``context.reward`` names, or the functions passed in (``context.functions``), with weights."""
+    if context.functions:
+        sources = [FunctionReward([NamedReward(getattr(f, "__name__", f"function {i}"), f)
+                                   for i, f in enumerate(context.functions)], context.tokenizer)]
+    else:
+        sources = [REWARD_SOURCES.get(spec)(context) for spec in reward_specs(context.reward)]
+    if len(sources) == 1 and not isinstance(sources[0], FunctionReward):
+        return sources[0]
+    functions = [named for source in sources for named in source.functions.functions]
+    if context.reward_weights is not None:
+        if len(context.reward_weights) != len(functions):
+            raise ConfigError(f"reward_weights has {len(context.reward_weights)} weights for {len(functions)} reward "
+                              f"functions ({', '.join(f.name for f in functions)}).")
+        for named, weight in zip(functions, context.reward_weights, strict=True):
+            named.weight = weight
+    return FunctionReward(functions, context.tokenizer)

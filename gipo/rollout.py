@@ -31,9 +31,9 @@ class SamplingSettings:
     top_k: int = 0
     top_p: float = 1.0
     stop_on_eos: bool = True
-    backend: str = "hf"  # "fast": gipo's own sampling loop (KV cache), "hf": transformers' generate
-    share_prompts: bool = False  # fast loop: one prefill per distinct prompt (see :func:`shared_prompts`)
-    draws: str = "multinomial"  # fast loop: "multinomial" (HF generate's draws) or "inverse_cdf" (:func:`draw_tokens`)
+    backend: str = "fast"  # "fast": gipo's own sampling loop (KV cache), "hf": transformers' generate
+    share_prompts: bool = True  # fast loop: one prefill per distinct prompt (see :func:`shared_prompts`)
+    draws: str = "inverse_cdf"  # fast loop: "inverse_cdf" (:func:`draw_tokens`) or "multinomial" (HF generate's draws)
 
 
 @dataclass
@@ -169,6 +169,15 @@ def has_active_dropout(model) -> bool:
     config = _model_config(model)
     return any(float(getattr(config, name, 0) or 0) > 0 for name in ("attention_dropout", "attn_pdrop",
                                                                     "attention_probs_dropout_prob"))
+
+
+def sampling_logprobs_reusable(policy, settings: SamplingSettings, full_precision: bool) -> bool:
+    """Whether the log-probabilities recorded while sampling may stand in for the old policy's forward: only
+    where that forward would give the same numbers. The fast loop records them, no dropout makes the
+    training-mode forward differ, and no bf16 autocast (``full_precision``) rounds the training forwards
+    differently from the cached sampling ones. (A shared critic's heads then read the sampling hidden states.)"""
+    return (settings.backend == "fast" and fast_sampling_supported(policy) and not has_active_dropout(policy)
+            and full_precision)
 
 
 def _can_pack_linear_weights() -> bool:

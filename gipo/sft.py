@@ -79,5 +79,5 @@ class SFTTrainer(BaseTrainer):
         """Per-group gold (and reward, given a scorer) of the current model on held-out prompts."""
         return evaluate_policy(self.model, self.tokenizer, self.config.dataset,
                                n_per_group=n_per_group or self.config.eval_prompts,
-                               settings=settings or SamplingSettings(), scorer=reward_scorer,
+                               settings=settings or SamplingSettings(backend="hf"), scorer=reward_scorer,
                                reference=self.model, device=self.device)
