@@ -6,7 +6,7 @@ new zeroed pages, hundreds of thousands per update of a 135M-parameter model, wh
 virtual machine. Keeping freed memory in the process lets the next iteration reuse it. The price is memory:
 the heap never shrinks and its holes count too, so the resident size stays at its peak instead of falling
 between phases, and that peak is higher (on SmolLM2-135M GRPO about 6% more).
-(``benchmarks/grpo_throughput.py`` runs gipo with it and TRL without it; the README shows both sides.)
+(``benchmarks/grpo_throughput.py`` runs gipo with it and TRL without it; docs/performance.md shows both sides.)
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def build_embedded_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_embedded_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
-    """A ~0.2M-parameter Llama: small enough for a 2-core CPU, big enough to learn the suite."""
+    """A 0.34M-parameter Llama: small enough for a 2-core CPU, big enough to learn the suite."""
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,

@@ -57,13 +57,13 @@ def test_gold_reward_grpo_holds_no_critic_reward_model_or_reference(tiny_pipelin
 def test_each_prompt_is_sampled_num_generations_times_side_by_side(tiny_pipeline, tmp_path):
     trainer = _trainer(tiny_pipeline, tmp_path / "run", max_steps=1)
     seen: list[list[int]] = []
-    score = trainer._score
+    score = trainer.collector.score
 
-    def recording(rollout, indices):
+    def recording(rollout, indices, step):
         seen.append(list(indices))
-        return score(rollout, indices)
+        return score(rollout, indices, step)
 
-    trainer._score = recording
+    trainer.collector.score = recording
     trainer.train()
     (indices,) = seen
     assert len(indices) == 8

@@ -62,7 +62,7 @@ def test_every_method_trains_and_logs(tiny_pipeline, tmp_path, method):
     assert ("loss/value_avg" in rows[-1]) == config.uses_critic
     assert ("objective/frac_reward_zero_std" in rows[-1]) == (config.num_generations > 1)
     if config.groups != "none":
-        m = trainer.num_groups
+        m = trainer.groups.num_groups
         for key in ["groups/r_var", "groups/nmi"] + [f"groups/{k}/{g}" for k in ("mass", "return", "kl", "kl_coef")
                                                      for g in range(m)]:
             assert key in rows[-1], key

@@ -48,9 +48,9 @@ def test_ppo_resume_equals_uninterrupted(tiny_pipeline, tmp_path, method, extra)
     for a, b in zip(straight.critic.parameters() if straight.critic else [],
                     resumed.critic.parameters() if resumed.critic else [], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(straight.dro_weights, resumed.dro_weights)
-    if straight.prompt_groups is not None:  # sampling weights, EMAs and the prompt head came back
-        first, second = straight.prompt_groups.state_dict(), resumed.prompt_groups.state_dict()
+    torch.testing.assert_close(straight.groups.dro_weights, resumed.groups.dro_weights)
+    if straight.groups.prompt_groups is not None:  # sampling weights, EMAs and the prompt head came back
+        first, second = straight.groups.prompt_groups.state_dict(), resumed.groups.prompt_groups.state_dict()
         torch.testing.assert_close(first["weights"], second["weights"])
         torch.testing.assert_close(first["loss_ema"], second["loss_ema"])
         assert first["difficulty"] == pytest.approx(second["difficulty"])

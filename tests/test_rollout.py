@@ -191,15 +191,15 @@ def test_ppo_reuses_sampling_logprobs_as_the_old_policys(tiny_pipeline, tmp_path
         "reward_model": str(tiny_pipeline["rm"] / "final"), "generation_backend": "fast",
         "reuse_generation_logprobs": True, "fused_optimizer": True})
     trainer = PPOTrainer(config, output_dir=tmp_path / "run", prompts_per_group=8)
-    assert trainer.reuse_logprobs
-    experience, _ = trainer.collect_experience(list(range(8)))
+    assert trainer.collector.reuse_logprobs
+    experience, _ = trainer.collector.collect(list(range(8)), 1, trainer.kl_ctl.value)
     rollout = experience.rollout
     with torch.no_grad():
         fresh, _ = response_logprobs(trainer.policy, rollout, config.temperature)
     torch.testing.assert_close(experience.old_logprobs, fresh * rollout.response_mask, atol=1e-5, rtol=0)
     trainer.train()  # and the fused optimizer steps
     plain = build_config(PPOConfig, {**config.__dict__, "generation_backend": "hf"})
-    assert not PPOTrainer(plain, output_dir=tmp_path / "plain", prompts_per_group=8).reuse_logprobs
+    assert not PPOTrainer(plain, output_dir=tmp_path / "plain", prompts_per_group=8).collector.reuse_logprobs
 
 
 def test_one_decoder_pass_gives_the_policys_logprobs_and_the_heads_values(model):
@@ -287,9 +287,9 @@ def test_ppo_with_a_shared_critic_reads_old_values_from_sampling(tiny_pipeline, 
             "reward_model": str(tiny_pipeline["rm"] / "final"), "generation_backend": "fast",
             "shared_critic": True, "reuse_generation_logprobs": reuse})
         trainer = PPOTrainer(config, output_dir=tmp_path / f"run-{reuse}", prompts_per_group=8)
-        assert trainer.reuse_logprobs == reuse
+        assert trainer.collector.reuse_logprobs == reuse
         torch.manual_seed(5)
-        return trainer.collect_experience(list(range(8)))
+        return trainer.collector.collect(list(range(8)), 1, trainer.kl_ctl.value)
 
     (reused, reused_metrics), (fresh, fresh_metrics) = experience(True), experience(False)
     assert reused.rollout.sampled_states is not None and fresh.rollout.sampled_states is None

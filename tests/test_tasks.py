@@ -91,7 +91,7 @@ def test_swap_demonstrations_are_mostly_exact():
 
 BUILTIN_FINGERPRINT = "22755b174286dbacb0f1a5f3b488423fa2a309a65ef83c3386283563b91ea7c2"
 """SHA-256 of the prompts and demonstrations below as ``builtin`` drew them before the swap domain was added
-(computed with that version of gipo/tasks.py): every result in the README was measured on them."""
+(computed with that version of gipo/tasks.py): every result in docs/results was measured on them."""
 
 
 def test_builtin_suite_is_unchanged():
