@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from gipo import ppo
+from gipo import experience
 from gipo.cli import main
 from gipo.models import build_embedded_tokenizer
 from gipo.rollout import Rollout, response_logprobs
@@ -44,5 +44,5 @@ def ranked_generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, eo
 
 
 if __name__ == "__main__":
-    ppo.generate = ranked_generate
+    experience.generate = ranked_generate
     sys.exit(main(sys.argv[1:]))
