@@ -31,9 +31,9 @@ class SamplingSettings:
     top_k: int = 0
     top_p: float = 1.0
     stop_on_eos: bool = True
-    backend: str = "fast"  # "fast": gipo's own sampling loop (KV cache), "hf": transformers' generate
-    share_prompts: bool = True  # fast loop: one prefill per distinct prompt (see :func:`shared_prompts`)
-    draws: str = "inverse_cdf"  # fast loop: "inverse_cdf" (:func:`draw_tokens`) or "multinomial" (HF generate's draws)
+    backend: str = "hf"  # "fast": gipo's own sampling loop (KV cache), "hf": transformers' generate
+    share_prompts: bool = False  # fast loop: one prefill per distinct prompt (see :func:`shared_prompts`)
+    draws: str = "multinomial"  # fast loop: "multinomial" (HF generate's draws) or "inverse_cdf" (:func:`draw_tokens`)
 
 
 @dataclass

@@ -19,13 +19,13 @@ def _trainer(tiny_pipeline, run_dir, on_nonfinite):
         "checkpoint_every": 1, "method": "gipo", "on_nonfinite": on_nonfinite,
         "policy": str(tiny_pipeline["sft"] / "final"), "reward_model": str(tiny_pipeline["rm"] / "final")})
     trainer = PPOTrainer(config, output_dir=run_dir, prompts_per_group=8)
-    score = trainer.scorer.__call__
+    score = trainer.reward.scorer.__call__
 
     def poisoned(rollout, prompts=None):  # the reward model returns NaN on iteration 2 only
         scores = score(rollout, prompts)
         return scores * float("nan") if trainer.step == 2 else scores
 
-    trainer.scorer = poisoned
+    trainer.reward.scorer = poisoned
     return trainer
 
 

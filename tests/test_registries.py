@@ -15,7 +15,6 @@ from gipo.cli import main
 from gipo.errors import ConfigError
 from gipo.estimators import ESTIMATORS, AdvantageSettings, get_estimator
 from gipo.reward_functions import REWARD_SOURCES
-from gipo.rollout import SamplingSettings
 from gipo.sampling import SAMPLING_RULES, Uniform
 from tests.conftest import QUIET
 
@@ -99,14 +98,6 @@ def test_help_lists_every_registered_name():
     for registry in (ESTIMATORS, REWARD_SOURCES, SAMPLING_RULES):
         for name in registry.names():
             assert name in text, name
-
-
-def test_sampling_settings_defaults_are_the_rl_configs():
-    config, settings = PPOConfig(), SamplingSettings()
-    assert (settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p, settings.stop_on_eos,
-            settings.backend, settings.share_prompts, settings.draws) == (
-        config.max_new_tokens, config.temperature, config.top_k, config.top_p, config.stop_on_eos,
-        config.generation_backend, config.share_prompt_prefix, config.sampling_draws)
 
 
 def test_help_says_what_batch_size_counts_and_names_the_critic_free_estimators(capsys):
