@@ -1,54 +1,86 @@
-"""Run directories written by an earlier gipo (tests/fixtures/legacy_runs, see its make.py) resume on this code:
-the checkpoint format is read back, the restored state is the saved one, and where the CPU kernels are the
-ones that wrote them the resumed steps give the earlier code's metrics."""
+"""Run directories in the format an earlier gipo wrote (commit 0817b4b, recorded in
+tests/fixtures/legacy_runs/legacy_format.json by its make.py) resume on this code: the test writes a 2-step run,
+rewrites it into that format (checked against the record), resumes it, and finds the same metrics as an
+uninterrupted run; where the CPU kernels are the recorded ones, also the earlier code's own metrics."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from gipo import PPOConfig, PPOTrainer, build_config
-from gipo.checkpoint import latest_good_checkpoint, load_state
+from gipo.checkpoint import MANIFEST, STATE_FILE, load_state, save_state
 from gipo.environment import numerics_environment
+from tests.fixtures.legacy_runs.make import RUNS, describe_run, micro_model, trainer
 
-FIXTURES = Path(__file__).with_name("fixtures") / "legacy_runs"
-NUMERICS = ("torch", "transformers", "cpu", "cpu_capability", "torch_threads")
+LEGACY = json.loads((Path(__file__).with_name("fixtures") / "legacy_runs" / "legacy_format.json").read_text())
+NUMERICS = ("torch", "transformers", "cpu", "cpu_capability")
 
 
-def _rows(path: Path) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+def _untimed(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
-@pytest.mark.parametrize("method", ["gipo", "grpo_prompt_gdro", "grpo_gipo_sampling"])
-def test_a_run_written_by_the_earlier_code_resumes(tmp_path, method):
-    run_dir = tmp_path / method
-    shutil.copytree(FIXTURES / method, run_dir)
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    saved["policy"] = str(FIXTURES / "model")  # the fixture's model, wherever the repository lies
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    values = {k: v for k, v in saved.items() if k in {f for f in PPOConfig.__dataclass_fields__}}
-    config = build_config(PPOConfig, {**values, "max_steps": 4})
-    trainer = PPOTrainer(config, output_dir=run_dir, prompts_per_group=8)
-    state = load_state(latest_good_checkpoint(run_dir))["trainer"]
+def _rows(path: Path) -> list[dict]:
+    return _untimed([json.loads(line) for line in path.read_text().splitlines()])
 
-    trainer.train(resume=True)
-    rows = _rows(run_dir / "metrics.jsonl")
-    expected = _rows(run_dir / "expected_metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert [set(r) for r in rows] == [set(r) for r in expected]
-    if method != "gipo":  # the prompt groups' state came back and moved on from it
-        assert set(state["prompt_groups"]) >= {"weights", "loss_ema", "seen", "difficulty"}
-    written = json.loads((FIXTURES / method / "environment.json").read_text())
-    here = numerics_environment("cpu") | {"torch_threads": torch.get_num_threads()}
+
+def as_written_before(run_dir: Path) -> None:
+    """Rewrite a run directory as commit 0817b4b wrote it: no ``prompt_sampling`` key in config.yaml, no
+    ``sampling_rule`` in the trainer state, and the group-weights state (weights, loss EMA, groups seen) kept with
+    the prompt groups whatever the sampling."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config.pop("prompt_sampling")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    checkpoint = run_dir / "checkpoints" / "step-2"
+    state = load_state(checkpoint)
+    trainer_state = state["trainer"]
+    trainer_state.pop("sampling_rule")
+    groups = trainer_state["prompt_groups"]
+    if groups is not None and "weights" not in groups:
+        m = len(trainer_state["dro_weights"])
+        groups.update(weights=torch.full((m,), 1.0 / m), loss_ema=torch.zeros(m), seen=torch.zeros(m, dtype=torch.bool))
+    save_state(state, checkpoint)
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["files"][STATE_FILE] = hashlib.sha256((checkpoint / STATE_FILE).read_bytes()).hexdigest()
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("legacy") / "model"
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_a_run_in_the_earlier_format_resumes(tmp_path, model_dir, method):
+    out = model_dir.parent
+    if not model_dir.exists():
+        micro_model(model_dir)
+    record = LEGACY["runs"][method]
+    trainer(out, tmp_path / "split", 2, RUNS[method]).train()
+    as_written_before(tmp_path / "split")
+    assert describe_run(tmp_path / "split") == {k: v for k, v in record.items() if k != "metrics_4_steps"}
+
+    trainer(out, tmp_path / "split", 4, RUNS[method]).train(resume=True)
+    trainer(out, tmp_path / "straight", 4, RUNS[method]).train()
+    resumed, straight = _rows(tmp_path / "split" / "metrics.jsonl"), _rows(tmp_path / "straight" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for got, want in zip(resumed, straight, strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
+
+    earlier = _untimed(record["metrics_4_steps"])
+    assert [set(r) for r in straight] == [set(r) for r in earlier]  # the same metric names as before
+    written, here = LEGACY["environment"], numerics_environment("cpu")
     if any(written[key] != here[key] for key in NUMERICS):
-        pytest.skip(f"The fixture was written with other CPU kernels or library versions ({', '.join(f'{k}: {written[k]}' for k in NUMERICS)}); "
-                    "its run resumed, and its metrics are compared only on such a machine.")
-    for got, want in zip(rows[2:], expected[2:], strict=True):
+        pytest.skip("The earlier code's metrics were recorded with other CPU kernels or library versions ("
+                    + ", ".join(f"{k}: {written[k]}" for k in NUMERICS) + "); the run resumed as an uninterrupted "
+                    "one, and the numbers are compared with the earlier code's only on such a machine.")
+    for got, want in zip(resumed, earlier, strict=True):
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)

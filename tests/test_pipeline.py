@@ -102,7 +102,7 @@ def test_python_api_with_models_in_hand_and_chat_prompts(tiny_pipeline, tmp_path
                          reward_model=AutoModelForSequenceClassification.from_pretrained(rm_dir),
                          reward_tokenizer=tokenizer, prompts=prompts, output_dir=tmp_path / "api")
     rendered = tokenizer.apply_chat_template(prompts[0]["prompt"], tokenize=False, add_generation_prompt=True)
-    assert trainer.encoded[0] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert trainer.collector.encoded[0] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
     trainer.train()
     report = trainer.evaluate(n_per_group=2)
     assert set(report["groups"]) == {"copy", "sort", "reverse", "add"}
@@ -246,7 +246,7 @@ def test_long_chat_prompts_lose_their_oldest_turns_with_long_prompts_shorten(tin
                    **_models_in_hand(tiny_pipeline))
     trainer = PPOTrainer(PPOConfig(**settings, long_prompts="shorten"), prompts=prompts, output_dir=tmp_path / "fit",
                          **_models_in_hand(tiny_pipeline))
-    assert len(trainer.records) == 4 and all(len(ids) <= 40 for ids in trainer.encoded)
+    assert len(trainer.records) == 4 and all(len(ids) <= 40 for ids in trainer.collector.encoded)
     for kept, given in zip(trainer.records, prompts, strict=True):
         assert kept["prompt"] == given["prompt"][-len(kept["prompt"]):] and len(kept["prompt"]) < len(given["prompt"])
     trainer.train()
