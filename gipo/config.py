@@ -21,7 +21,7 @@ import yaml
 from gipo.errors import ConfigError
 from gipo.estimators import ESTIMATORS, get_estimator
 from gipo.registry import Registry
-from gipo.reward_functions import REWARD_SOURCES, reward_specs
+from gipo.reward_functions import REWARD_SOURCES, STANDALONE, reward_specs
 from gipo.sampling import SAMPLING_RULES
 
 
@@ -421,7 +421,7 @@ class PPOConfig(RunConfig):
 
     def _validate_estimator(self) -> None:
         reward_specs(self.reward)
-        if self.reward_weights is not None and not self.reward.startswith("python:"):
+        if self.reward_weights is not None and self.reward in STANDALONE:
             raise ConfigError(f"PPOConfig: reward_weights weight reward functions; reward={self.reward!r} has none "
                               "(give reward=python:MODULE:FUNCTION,...).")
         get_estimator(self.estimator).check(self)

@@ -106,7 +106,7 @@ class ExperienceCollector:
         self.config, self.tokenizer, self.records, self.encoded = config, tokenizer, records, encoded
         self.models, self.reward, self.task, self.settings = models, reward, task, settings
         self.reuse_logprobs, self.autocast, self.device = reuse_logprobs, autocast, device
-        self.settings_for_estimator = E.AdvantageSettings.from_config(config)
+        self.advantage_settings = E.AdvantageSettings.from_config(config)
         self.estimator = E.get_estimator(config.estimator)
         self.score_moments = RunningMoments()
         self.reduce = dist.global_sum
@@ -147,7 +147,7 @@ class ExperienceCollector:
                                               self._gold(indices, rollout, raw_scores)), kl_coef)
 
         rewards = shape_rewards(scores, reward_kl, mask, view.kl_coef)
-        advantages, returns = self.estimator.fn(rewards, mask, values, self.settings_for_estimator, self.reduce)
+        advantages, returns = self.estimator.fn(rewards, mask, values, self.advantage_settings, self.reduce)
         check_finite(step, **present(shaped_rewards=rewards, advantages=advantages, returns=returns))
 
         keep, sample_metrics = self._kept_samples(raw_scores, rollout)

@@ -51,6 +51,11 @@ class GroupView:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def group_count(config: PPOConfig, records: list[dict[str, Any]]) -> int:
+    """M: the data's labels with oracle groups, else ``num_groups``."""
+    return len({r["group"] for r in records}) if config.groups == "oracle" else config.num_groups
+
+
 class GroupState:
     """``records`` are the run's prompt records (their ``group`` labels); ``prompt_states(indices)`` gives the
     policy's hidden states at those prompts, ``baseline_scores(indices)`` the reference's mean score on them
@@ -61,7 +66,7 @@ class GroupState:
                  baseline_scores: Callable[[list[int]], torch.Tensor], device: torch.device):
         self.config, self.records, self.device = config, records, device
         self.label_names = sorted({r["group"] for r in records})
-        self.num_groups = len(self.label_names) if config.groups == "oracle" else config.num_groups
+        self.num_groups = group_count(config, records)
         self.baseline_scores = baseline_scores
         self.reduce = dist.global_sum
         self.rule = SAMPLING_RULES.get(config.prompt_sampling)(config, self.num_groups)
@@ -69,16 +74,16 @@ class GroupState:
         if config.groups == "difficulty" or config.group_sampling or (config.groups == "inferred"
                                                                       and not config.uses_critic):
             self.prompt_groups = PromptGroups(config, self.num_groups, hidden_size, self.label_indices, prompt_states,
-                                              device, self.rule)
+                                              device)
         self.group_returns_ema: torch.Tensor | None = None
         self.dro_weights = torch.full((self.num_groups,), 1.0 / self.num_groups)
         self.gain_baseline: dict[int, float] = {}
 
     # --- which prompts ----------------------------------------------------------------------------------
     def choose_prompts(self, sampler: EpochSampler, n: int, step: int) -> list[int]:
-        if self.prompt_groups is not None:
-            return self.prompt_groups.choose_prompts(sampler, n, step)
-        return self.rule.choose(sampler, n, step, self._no_groups)
+        """The next batch's ``n`` prompts, as the sampling rule chooses them (from the prompt groups, if any)."""
+        assign = self.prompt_groups.assign if self.prompt_groups is not None else self._no_groups
+        return self.rule.choose(sampler, n, step, assign)
 
     def _no_groups(self, indices: list[int]) -> torch.Tensor:
         raise RuntimeError(f"prompt_sampling={self.config.prompt_sampling} reads groups, and this run has none.")
@@ -123,6 +128,8 @@ class GroupState:
         g = self.config.num_generations
         means = per_prompt_means(raw_scores.float(), g)
         probs, metrics = self.prompt_groups.observe(indices[::g], means, self.reduce)
+        observed = (G.group_masses(probs, self.reduce) > 0).cpu()
+        metrics.update(self.rule.observe(-G.soft_group_means(probs, means, self.reduce).cpu(), observed))
         return probs.repeat_interleave(g, dim=0), means.repeat_interleave(g), metrics
 
     def _group_signal(self, batch: GroupBatch, kl_coef: torch.Tensor | float) -> torch.Tensor:
@@ -186,12 +193,12 @@ class GroupState:
         return {"group_returns_ema": self.group_returns_ema, "dro_weights": self.dro_weights,
                 "gain_baseline": gain_baseline,
                 "prompt_groups": self.prompt_groups.state_dict() if self.prompt_groups is not None else None,
-                "sampling_rule": self.rule.state_dict() if self.prompt_groups is None else None}
+                "sampling_rule": self.rule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.group_returns_ema, self.dro_weights = state["group_returns_ema"], state["dro_weights"]
         self.gain_baseline = state["gain_baseline"]
         if self.prompt_groups is not None:
             self.prompt_groups.load_state_dict(state["prompt_groups"])
-        elif state.get("sampling_rule"):  # absent from checkpoints written before sampling rules
-            self.rule.load_state_dict(state["sampling_rule"])
+        # Checkpoints written before sampling rules kept the group-weights state with the prompt groups.
+        self.rule.load_state_dict(state.get("sampling_rule", state["prompt_groups"] or {}))

@@ -28,6 +28,7 @@ from gipo.data import EpochSampler, load_training_prompts
 from gipo.errors import ConfigError
 from gipo.evaluation import evaluate_policy, report_metrics
 from gipo.experience import Experience, ExperienceCollector, Models, present
+from gipo.group_state import group_count
 from gipo.kl_control import make_kl_controller
 from gipo.lora import load_adapter_weights, save_merged
 from gipo.losses import (
@@ -71,10 +72,9 @@ class PPOTrainer(BaseTrainer):
             config.reward, config.reward_weights, config.dataset, self.task, self.tokenizer, self.device,
             config.reward_model, reward_model, reward_tokenizer, reward_functions or []))
         self.scorer = self.reward.scorer if isinstance(self.reward, ModelReward) else None
-        num_groups = len({r["group"] for r in self.records}) if config.groups == "oracle" else config.num_groups
         self.policy = (policy or load_causal_lm(config.policy)).to(self.device)
         if config.uses_critic:  # before LoRA goes into the policy
-            self.critic = make_critic(config, self.policy, num_groups, critic, self.scorer and self.scorer.model,
+            self.critic = make_critic(config, self.policy, group_count(config, self.records), critic, self.scorer and self.scorer.model,
                                       bool(self.scorer and self.scorer.same_tokenizer)).to(self.device)
         else:
             self.critic = None

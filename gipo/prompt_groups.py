@@ -9,8 +9,7 @@ pass rate under a verifiable 0/1 reward, its mean gold under the built-in suites
   and is trained to maximize the mass-weighted between-group variance of the per-prompt means;
 - ``difficulty``: Prompt-GDRO's bins (Panaganti et al., 2026) of an EMA of each prompt's mean reward;
 - ``oracle``: the data's labels.
-The sampling rule (``gipo.sampling``, ``prompt_sampling``) decides from the groups which prompts fill the next
-batch; its state is checkpointed with the rest.
+Which prompts fill the next batch is the sampling rule's choice (``gipo.sampling``), made from these groups.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ from torch import nn
 from gipo import distributed as dist
 from gipo import groups as G
 from gipo.config import PPOConfig
-from gipo.data import EpochSampler
-from gipo.sampling import SamplingRule
 
 
 def per_prompt_means(values: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -74,12 +71,11 @@ class DifficultyTracker:
 
 class PromptGroups:
     """Groups of whole prompts. ``labels(indices)`` gives the data's group index of prompts; ``states(indices)``
-    the policy's hidden states at their last tokens (for the inferred head); ``rule`` chooses from the groups
-    which prompts are sampled."""
+    the policy's hidden states at their last tokens (for the inferred head)."""
 
     def __init__(self, config: PPOConfig, num_groups: int, hidden_size: int,
                  labels: Callable[[list[int]], torch.Tensor], states: Callable[[list[int]], torch.Tensor],
-                 device: torch.device, rule: SamplingRule):
+                 device: torch.device):
         self.config, self.num_groups, self.device = config, num_groups, device
         self.labels, self.states = labels, states
         self.head: nn.Module | None = None
@@ -89,12 +85,6 @@ class PromptGroups:
             nn.init.zeros_(self.head.bias)
             self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=config.group_head_learning_rate)
         self.difficulty = DifficultyTracker(config.difficulty_ema)
-        self.rule = rule
-
-    # --- which prompts ----------------------------------------------------------------------------------
-    def choose_prompts(self, sampler: EpochSampler, n: int, step: int) -> list[int]:
-        """The next batch's ``n`` prompts, as the sampling rule chooses them from the groups."""
-        return self.rule.choose(sampler, n, step, self.assign)
 
     def assign(self, indices: list[int], states: torch.Tensor | None = None) -> torch.Tensor:
         """Each prompt's group assignment (P, M): the head's soft one, a one-hot bin or label."""
@@ -112,7 +102,7 @@ class PromptGroups:
     def observe(self, indices: list[int], means: torch.Tensor,
                 reduce: dist.Reduce = dist.local_sum) -> tuple[torch.Tensor, dict[str, float]]:
         """One batch's prompts (this process's) and their mean rewards (P,): returns their assignment (P, M) for
-        the policy's objective and the KL, and moves the head, the pass-rate EMAs and the sampling weights."""
+        the policy's objective and the KL, and moves the head and the pass-rate EMAs."""
         metrics: dict[str, float] = {}
         states = None
         if self.head is not None:  # the head learns first, then assigns: as the critic's head does in PPO
@@ -124,20 +114,16 @@ class PromptGroups:
             every = dist.gather_objects((indices, means.tolist()))  # every process keeps every prompt's EMA
             for part_indices, part_means in every:
                 self.difficulty.update(part_indices, part_means)
-        observed = G.group_masses(probs, reduce) > 0
-        group_losses = -G.soft_group_means(probs, means, reduce).cpu()
-        metrics.update(self.rule.observe(group_losses, observed.cpu()))
         return probs, metrics
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {**self.rule.state_dict(), "difficulty": dict(self.difficulty.rates)}
+        state: dict[str, Any] = {"difficulty": dict(self.difficulty.rates)}
         if self.head is not None:
             state.update(head=self.head.state_dict(), head_optimizer=self.head_optimizer.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rule.load_state_dict(state)
         self.difficulty.rates = dict(state["difficulty"])
         if self.head is not None:
             self.head.load_state_dict(state["head"])

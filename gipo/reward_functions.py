@@ -56,33 +56,6 @@ def _checked_value(name: str, value: Any, row: int, prompt: Any, step: int) -> f
     return value
 
 
-class RewardFunctions:
-    """Calls each function on a batch, checks what it returns and sums the weighted rewards: (B,)."""
-
-    def __init__(self, functions: list[NamedReward]):
-        self.functions = functions
-
-    def __call__(self, prompts: list[Any], responses: list[str], records: list[dict[str, Any]],
-                 step: int = 0) -> torch.Tensor:
-        total = torch.zeros(len(responses))
-        for reward in self.functions:
-            try:
-                values = reward.function(prompts, responses, records)
-            except Exception as err:  # the user's code: report it as theirs, with the step
-                raise NonFiniteError(f"reward {reward.name}", step,
-                                     f"reward function {reward.name} raised {type(err).__name__}: {err}") from err
-            if isinstance(values, torch.Tensor):
-                values = values.tolist()
-            if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != len(responses):
-                got = f"{len(values)} values" if isinstance(values, Sequence) else type(values).__name__
-                raise NonFiniteError(f"reward {reward.name}", step, f"reward function {reward.name} returned {got} "
-                                     f"for {len(responses)} responses (expected one number per response)")
-            checked = [_checked_value(reward.name, v, i, p, step)
-                       for i, (v, p) in enumerate(zip(values, prompts, strict=True))]
-            total += reward.weight * torch.tensor(checked)
-        return total
-
-
 class RewardSource(Protocol):
     """Scores one batch of rollouts: (B,) on the rollout's device."""
 
@@ -124,13 +97,34 @@ class FunctionReward:
     """Reward functions of the decoded responses, checked and summed with their weights."""
 
     def __init__(self, functions: list[NamedReward], tokenizer: Any):
-        self.functions = RewardFunctions(functions)
+        self.functions = functions
         self.tokenizer = tokenizer
 
     def __call__(self, rollout: Rollout, prompts: list[Any], records: list[dict[str, Any]],
                  step: int) -> torch.Tensor:
         responses = decode_responses(self.tokenizer, rollout)
-        return self.functions(prompts, responses, records, step).to(rollout.query_ids.device)
+        return self.score_texts(prompts, responses, records, step).to(rollout.query_ids.device)
+
+    def score_texts(self, prompts: list[Any], responses: list[str], records: list[dict[str, Any]],
+                    step: int = 0) -> torch.Tensor:
+        """Each function on the decoded responses, its values checked, summed with the weights: (B,)."""
+        total = torch.zeros(len(responses))
+        for reward in self.functions:
+            try:
+                values = reward.function(prompts, responses, records)
+            except Exception as err:  # the user's code: report it as theirs, with the step
+                raise NonFiniteError(f"reward {reward.name}", step,
+                                     f"reward function {reward.name} raised {type(err).__name__}: {err}") from err
+            if isinstance(values, torch.Tensor):
+                values = values.tolist()
+            if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != len(responses):
+                got = f"{len(values)} values" if isinstance(values, Sequence) else type(values).__name__
+                raise NonFiniteError(f"reward {reward.name}", step, f"reward function {reward.name} returned {got} "
+                                     f"for {len(responses)} responses (expected one number per response)")
+            checked = [_checked_value(reward.name, v, i, p, step)
+                       for i, (v, p) in enumerate(zip(values, prompts, strict=True))]
+            total += reward.weight * torch.tensor(checked)
+        return total
 
 
 RewardFactory = Callable[[RewardContext], RewardSource]
@@ -184,7 +178,7 @@ def make_reward_source(context: RewardContext) -> RewardSource:
         sources = [REWARD_SOURCES.get(spec)(context) for spec in reward_specs(context.reward)]
     if len(sources) == 1 and not isinstance(sources[0], FunctionReward):
         return sources[0]
-    functions = [named for source in sources for named in source.functions.functions]
+    functions = [named for source in sources for named in source.functions]
     if context.reward_weights is not None:
         if len(context.reward_weights) != len(functions):
             raise ConfigError(f"reward_weights has {len(context.reward_weights)} weights for {len(functions)} reward "

@@ -32,18 +32,19 @@ def _rows(path: Path) -> list[dict]:
 def as_written_before(run_dir: Path) -> None:
     """Rewrite a run directory as commit 0817b4b wrote it: no ``prompt_sampling`` key in config.yaml, no
     ``sampling_rule`` in the trainer state, and the group-weights state (weights, loss EMA, groups seen) kept with
-    the prompt groups whatever the sampling."""
+    the prompt groups whatever the sampling (at its start values where the run sampled uniformly)."""
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     config.pop("prompt_sampling")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     checkpoint = run_dir / "checkpoints" / "step-2"
     state = load_state(checkpoint)
     trainer_state = state["trainer"]
-    trainer_state.pop("sampling_rule")
+    rule = trainer_state.pop("sampling_rule")
     groups = trainer_state["prompt_groups"]
-    if groups is not None and "weights" not in groups:
+    if groups is not None:
         m = len(trainer_state["dro_weights"])
-        groups.update(weights=torch.full((m,), 1.0 / m), loss_ema=torch.zeros(m), seen=torch.zeros(m, dtype=torch.bool))
+        groups.update(rule or {"weights": torch.full((m,), 1.0 / m), "loss_ema": torch.zeros(m),
+                               "seen": torch.zeros(m, dtype=torch.bool)})
     save_state(state, checkpoint)
     manifest = json.loads((checkpoint / MANIFEST).read_text())
     manifest["files"][STATE_FILE] = hashlib.sha256((checkpoint / STATE_FILE).read_bytes()).hexdigest()

@@ -18,7 +18,6 @@ from gipo.groups import (
     update_sampling_weights,
 )
 from gipo.prompt_groups import DifficultyTracker, PromptGroups, per_prompt_means, train_group_head
-from gipo.sampling import SAMPLING_RULES
 from tests.conftest import t
 
 
@@ -104,7 +103,7 @@ def test_unseen_prompts_share_the_prior_bin_while_an_inferred_head_places_them()
     def make(method: str) -> PromptGroups:
         config = build_config(PPOConfig, {"method": method, "reward": "gold"})
         return PromptGroups(config, 2, 8, labels=lambda _: domains, states=lambda indices: states[indices],
-                            device=torch.device("cpu"), rule=SAMPLING_RULES.get(config.prompt_sampling)(config, 2))
+                            device=torch.device("cpu"))
 
     difficulty = make("grpo_prompt_gdro")
     difficulty.difficulty.update([0, 1], [0.1, 0.9])  # one hard and one easy prompt seen: prior 0.5, bin 1
