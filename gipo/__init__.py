@@ -18,18 +18,21 @@ if not torch.cuda.is_available():
     # without GPUs it then prints a warning to stdout unless told the device. Telling it keeps stdout clean.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from gipo.answers import register_extractor
 from gipo.config import EvalConfig, PPOConfig, RewardConfig, SFTConfig, build_config, load_config
 from gipo.estimators import register_estimator
 from gipo.models import Critic, build_embedded_model, build_embedded_tokenizer
 from gipo.ppo import PPOTrainer
+from gipo.reasoning_gym_task import ReasoningGymTask
 from gipo.reward import RewardTrainer
 from gipo.reward_functions import register_reward
 from gipo.sampling import register_sampling_rule
 from gipo.sft import SFTTrainer
-from gipo.tasks import Task, register_task
+from gipo.tasks import Task, register_task, register_task_family
 
 __all__ = [
-    "Critic", "EvalConfig", "PPOConfig", "PPOTrainer", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer",
-    "Task", "build_config", "build_embedded_model", "build_embedded_tokenizer", "load_config", "register_estimator",
-    "register_reward", "register_sampling_rule", "register_task",
+    "Critic", "EvalConfig", "PPOConfig", "PPOTrainer", "ReasoningGymTask", "RewardConfig", "RewardTrainer", "SFTConfig",
+    "SFTTrainer", "Task", "build_config", "build_embedded_model", "build_embedded_tokenizer", "load_config",
+    "register_estimator", "register_extractor", "register_reward", "register_sampling_rule", "register_task",
+    "register_task_family",
 ]

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         "seed and shared). Finished runs are reused and unfinished ones resumed, so a killed compare continues. "
         "CONFIG (optional) is YAML with sections sft, rm, ppo, dpo; --set KEY=VALUE goes to every stage with KEY, "
         "or to one with a prefix (ppo.KEY).")
-    compare.add_argument("config", nargs="?", help="YAML with optional sections sft, rm, ppo, dpo.")
+    compare.add_argument("config", nargs="?", help="YAML with optional sections sft, rm, ppo, dpo, or a `gipo "
+                         "train` config (the ppo section; with its `policy` set, RL starts from that model).")
     compare.add_argument("--methods", default="ppo,gipo", help="Comma-separated: "
                          + ", ".join([m for m in METHOD_PRESETS if m != "custom"] + list(DPO_METHODS))
                          + " (default: ppo,gipo).")
@@ -153,6 +154,8 @@ def run_compare_command(args: argparse.Namespace) -> None:
 
     stages = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}
     sections = read_yaml(args.config) if args.config else {}
+    if sections and not set(sections) & set(stages):  # a training config (`gipo train`'s) is the PPO stage's
+        sections = {"ppo": sections}
     unknown = set(sections) - set(stages)
     if unknown:
         raise ConfigError(f"{args.config}: unknown sections {', '.join(sorted(unknown))}; allowed: sft, rm, ppo, dpo.")

@@ -13,10 +13,13 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from gipo.config import (
     DPO_METHODS,
@@ -52,6 +55,18 @@ def mean_ci(values: list[float | None]) -> dict[str, float | None]:
     dof = n - 1
     t = T95.get(dof) or (T95[max(k for k in T95 if k <= dof)] if dof <= 30 else 1.96)
     return {"mean": mean, "ci95": t * sd / math.sqrt(n)}
+
+
+START = "start"
+"""The run name of the start model's evaluation when ``ppo.policy`` is given (no SFT stage)."""
+
+
+def evaluation_settings(ppo: PPOConfig, device: str, judge: str | None) -> EvalConfig:
+    """One evaluation for every run of a compare (the start or SFT model included): the PPO stage's held-out
+    prompts, sampling settings and pass@k draws."""
+    return EvalConfig(eval_prompts=ppo.eval_prompts, device=device, judge=judge, max_new_tokens=ppo.max_new_tokens,
+                      temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p, eval_samples=ppo.eval_samples,
+                      eval_greedy=ppo.eval_greedy, eval_train_prompts=ppo.eval_train_prompts)
 
 
 @dataclass
@@ -305,15 +320,18 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
     dpo_o.setdefault("eval_every", 50)
     if quick:
         quick_budget(sft_o, rm_o, ppo_o, dpo_o)
-    runs = plan_runs(methods, sweep)
+    # With ppo.policy given, RL starts from that model: no SFT stage, and the start model, evaluated as a run
+    # named "start", is the baseline every method is paired with (before and after).
+    start_policy = ppo_o.get("policy")
+    runs = ([Run(START, START, {})] if start_policy else []) + plan_runs(methods, sweep)
     all_rows: dict[str, list] = {r.name: [] for r in runs}
     per_seed: dict[str, list] = {r.name: [] for r in runs}
     for seed in range(first_seed, first_seed + seeds):
         seed_dir = out / f"seed-{seed}"
-        sft_dir, rm_dir = seed_dir / "sft", seed_dir / "rm"
+        sft_dir, rm_dir = seed_dir / (START if start_policy else "sft"), seed_dir / "rm"
         sft_cfg = build_config(SFTConfig, {**sft_o, "seed": seed})
         rm_cfg = build_config(RewardConfig, {**rm_o, "seed": seed, "model": str(sft_dir / "final")})
-        eval_config = EvalConfig(eval_prompts=ppo_o.get("eval_prompts", 64), device=sft_cfg.device, judge=judge)
+        eval_config = evaluation_settings(build_config(PPOConfig, {**ppo_o, "seed": seed}), sft_cfg.device, judge)
         # A seed whose runs are all evaluated reports from its files alone: a compare folder kept without its
         # weights (eval.json, eval_rows.jsonl, metrics.jsonl, config.yaml per run) reports without retraining.
         evaluated = [sft_dir, *(seed_dir / run.name for run in runs)]
@@ -323,12 +341,24 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
             run.method in DPO_METHODS or {**ppo_o, **run.overrides}.get("reward", PPOConfig.reward) == "model"
             for run in runs if not (seed_dir / run.name / "eval.json").exists())
         if not all((folder / "eval.json").exists() for folder in evaluated):
-            _train(SFTTrainer, sft_cfg, sft_dir, f"seed {seed}: sft", log)
+            if not start_policy:
+                _train(SFTTrainer, sft_cfg, sft_dir, f"seed {seed}: sft", log)
             if uses_reward_model:
                 _train(RewardTrainer, rm_cfg, rm_dir, f"seed {seed}: reward model", log)
         if not (sft_dir / "eval.json").exists():
-            evaluate_run(sft_dir, replace(eval_config, reward_model=str(rm_dir / "final") if uses_reward_model
-                                          else None))
+            given = {"policy": start_policy} if start_policy else {}
+            if start_policy:  # the start folder holds the config its evaluation reads, no weights
+                sft_dir.mkdir(parents=True, exist_ok=True)
+                (sft_dir / "config.yaml").write_text(yaml.safe_dump({**ppo_o, "seed": seed}, sort_keys=False))
+            earlier = out / f"seed-{first_seed}" / START
+            if start_policy and not uses_reward_model and (earlier / "eval.json").exists():
+                # The start model and its evaluation (fixed prompts and sampling seed) are the same for every seed.
+                for name in ("eval.json", "eval_rows.jsonl"):
+                    shutil.copyfile(earlier / name, sft_dir / name)
+            else:
+                log(f"[seed {seed}: {sft_dir.name}] evaluating")
+                evaluate_run(sft_dir, replace(eval_config, **given, reward_model=str(rm_dir / "final")
+                                              if uses_reward_model else None))
         sft_rows = _read_rows(sft_dir / "eval_rows.jsonl")
         for run in runs:
             run_dir = seed_dir / run.name
@@ -342,7 +372,7 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
                     evaluate_run(run_dir, replace(eval_config, reward_model=str(rm_dir / "final")))
                 else:
                     config = build_config(PPOConfig, {**ppo_o, **run.overrides, "method": run.method, "seed": seed,
-                                                      "policy": str(sft_dir / "final"),
+                                                      "policy": start_policy or str(sft_dir / "final"),
                                                       "reward_model": str(rm_dir / "final")})
                     twin = None if run_dir.exists() else identical_run(seed_dir, config)
                     if twin is not None:

@@ -304,6 +304,11 @@ class PPOConfig(RunConfig):
     eval_every: int = option(10, "Evaluate on held-out prompts every N iterations (0 = off); curves in "
                              "metrics.jsonl as eval/gold/GROUP.", min=0)
     eval_prompts: int = option(64, "Held-out prompts per group for evaluation.", min=1)
+    eval_samples: int = option(1, "Responses sampled per held-out prompt at evaluation: pass@k is reported for "
+                               "k = 1, 2, 4, ... up to it.", min=1)
+    eval_greedy: bool = option(False, "Also one greedy response per evaluated prompt (greedy_pass@1).")
+    eval_train_prompts: int = option(0, "Train-split prompts per group also evaluated (`eval/train/...`; a task's "
+                                     "prompts only).", min=0)
     ood_dataset: str | None = option(None, "Out-of-distribution prompts evaluated besides the held-out ones "
                                      "(a dataset spec; each of its groups is an OOD split in eval.json), e.g. "
                                      "chat:../shared/data/pku-saferlhf/test.jsonl.gz@pku_safety.")
@@ -460,9 +465,19 @@ class EvalConfig:
                                "where the task has no gold reward; train it on data disjoint from the run's "
                                "reward model, e.g. `pair_split: validation`).")
     eval_prompts: int = option(64, "Held-out prompts per group.", min=1)
-    max_new_tokens: int = option(16, "Response length limit.", min=1)
-    temperature: float = option(1.0, "Sampling temperature.", min=0, min_exclusive=True)
-    batch_size: int = option(128, "Prompts per generation batch.", min=1)
+    max_new_tokens: int | None = option(None, "Response length limit (default: the run's, else 16).", min=1)
+    temperature: float | None = option(None, "Sampling temperature (default: the run's, else 1).", min=0,
+                                       min_exclusive=True)
+    top_k: int | None = option(None, "Top-k filter, 0 = off (default: the run's, else 0).", min=0)
+    top_p: float | None = option(None, "Nucleus filter, 1 = off (default: the run's, else 1).", min=0, max=1,
+                                 min_exclusive=True)
+    eval_samples: int | None = option(None, "Responses sampled per held-out prompt: pass@k is reported for k = 1, "
+                                      "2, 4, ... up to it (default: the run's, else 1).", min=1)
+    eval_greedy: bool | None = option(None, "Also one greedy response per prompt: greedy_pass@1 (default: the "
+                                      "run's, else false).")
+    eval_train_prompts: int | None = option(None, "Train-split prompts per group also evaluated, as `train` in "
+                                            "eval.json (default: the run's, else 0).", min=0)
+    batch_size: int = option(128, "Responses per generation batch.", min=1)
     seed: int = option(1234, "Sampling seed (fixed so evaluations compare like with like).")
     device: str = option("auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda"))
 

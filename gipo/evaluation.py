@@ -15,6 +15,7 @@ of sum_t log pi(y_t) - log pi_ref(y_t) on sampled responses (an unbiased estimat
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from gipo.config import ConfigError, EvalConfig, read_yaml
 from gipo.data import encode_prompts, fit_to_length, load_prompts, pad_left
 from gipo.rollout import RewardScorer, SamplingSettings, decode_responses, generate, response_logprobs
-from gipo.tasks import PromptRecord, get_task, in_test_split
+from gipo.tasks import EXACT, PromptRecord, get_task, in_test_split
 
 
 @torch.no_grad()
@@ -33,35 +34,40 @@ def score_prompts(policy, tokenizer, records: list[PromptRecord], *, settings: S
                   reference=None, scorer: RewardScorer | None = None, judge: RewardScorer | None = None,
                   gold_reward: Callable[[PromptRecord, str], float] | None = None,
                   batch_size: int = 128, max_prompt_length: int = 512, seed: int = 0,
-                  device: torch.device | str = "cpu") -> list[dict[str, Any]]:
-    """Sample one response per prompt and measure it: one dict per prompt."""
+                  device: torch.device | str = "cpu", samples: int = 1, greedy: bool = False) -> list[dict[str, Any]]:
+    """Sample ``samples`` responses per prompt (and, with ``greedy``, one more by argmax) and measure each: one dict
+    per response, ``prompt_index`` naming its prompt and ``sample`` its draw (0.., or ``"greedy"``)."""
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)
     rows = []
     try:
         encoded = encode_prompts(tokenizer, [r["prompt"] for r in records], max_prompt_length, "evaluation prompts")
-        for start in range(0, len(records), batch_size):
-            batch = records[start:start + batch_size]
-            ids, mask = pad_left(encoded[start:start + batch_size], tokenizer.pad_token_id)
+        sampled = [(i, j) for i in range(len(records)) for j in range(samples)]
+        by_argmax = [(i, "greedy") for i in range(len(records))] if greedy else []
+        batches = [(draws[start:start + batch_size], draws is by_argmax)
+                   for draws in (sampled, by_argmax) for start in range(0, len(draws), batch_size)]
+        for batch, argmax in batches:
+            ids, mask = pad_left([encoded[i] for i, _ in batch], tokenizer.pad_token_id)
             rollout = generate(policy, ids.to(device), mask.to(device), tokenizer.eos_token_id,
-                               tokenizer.pad_token_id, settings)
+                               tokenizer.pad_token_id, settings, greedy=argmax)
             texts = decode_responses(tokenizer, rollout)
             kl = torch.zeros(len(batch))
             if reference is not None and reference is not policy:
                 logprobs, _ = response_logprobs(policy, rollout, settings.temperature)
                 ref_logprobs, _ = response_logprobs(reference, rollout, settings.temperature)
                 kl = ((logprobs - ref_logprobs) * rollout.response_mask).sum(-1).cpu()
-            prompts = [r["prompt"] for r in batch]
+            batch_records = [records[i] for i, _ in batch]
+            prompts = [r["prompt"] for r in batch_records]
             scores = scorer(rollout, prompts).cpu() if scorer is not None else None
             judged = judge(rollout, prompts).cpu() if judge is not None else None
             lengths = rollout.lengths.cpu()
-            for i, record in enumerate(batch):
+            for k, ((index, sample), record) in enumerate(zip(batch, batch_records, strict=True)):
                 rows.append({
-                    "group": record["group"], "response": texts[i],
-                    "reward": None if scores is None else float(scores[i]),
-                    "judge": None if judged is None else float(judged[i]),
-                    "gold": None if gold_reward is None else float(gold_reward(record, texts[i])),
-                    "kl": float(kl[i]) if reference is not None else None, "length": float(lengths[i]),
+                    "group": record["group"], "prompt_index": index, "sample": sample, "response": texts[k],
+                    "reward": None if scores is None else float(scores[k]),
+                    "judge": None if judged is None else float(judged[k]),
+                    "gold": None if gold_reward is None else float(gold_reward(record, texts[k])),
+                    "kl": float(kl[k]) if reference is not None else None, "length": float(lengths[k]),
                 })
     finally:
         torch.set_rng_state(generator_state)
@@ -73,9 +79,39 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The unbiased pass@k of one prompt with ``correct`` exact answers among ``n`` samples (Chen et al. 2021):
+    the chance that ``k`` of the ``n``, drawn without replacement, hold at least one exact answer."""
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+def pass_ks(samples: int) -> list[int]:
+    """The k reported for ``samples`` draws per prompt: 1, 2, 4, ... and ``samples`` itself."""
+    ks = [1 << i for i in range(samples.bit_length()) if 1 << i <= samples]
+    return ks if ks[-1] == samples else [*ks, samples]
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"n": len(rows), **{key: _mean([r.get(key) for r in rows])
-                               for key in ("reward", "gold", "judge", "kl", "length")}}
+    """Means over the sampled responses; with a gold reward also pass@k over each prompt's samples and, where
+    greedy responses were drawn, ``greedy_pass@1`` (an exact answer is gold >= EXACT)."""
+    sampled = [r for r in rows if r.get("sample") != "greedy"]
+    summary = {"n": len(sampled), **{key: _mean([r.get(key) for r in sampled])
+                                     for key in ("reward", "gold", "judge", "kl", "length")}}
+    if not sampled or sampled[0].get("gold") is None:
+        return summary
+    exact_by_prompt: dict[Any, list[bool]] = defaultdict(list)
+    for position, row in enumerate(sampled):
+        exact_by_prompt[row.get("prompt_index", position)].append(row["gold"] >= EXACT)
+    samples = min(len(v) for v in exact_by_prompt.values())
+    for k in pass_ks(samples):
+        summary[f"pass@{k}"] = sum(pass_at_k(len(v), sum(v), k) for v in exact_by_prompt.values()) / len(
+            exact_by_prompt)
+    greedy = [r["gold"] >= EXACT for r in rows if r.get("sample") == "greedy"]
+    if greedy:
+        summary["greedy_pass@1"] = sum(greedy) / len(greedy)
+    return summary
 
 
 def summarize_by_group(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -94,10 +130,14 @@ def worst_group(groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"name": name, "reward": groups[name]["reward"], "gold": groups[name]["gold"]}
 
 
-def build_report(test_rows: list[dict[str, Any]], ood_rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def build_report(test_rows: list[dict[str, Any]], ood_rows: dict[str, list[dict[str, Any]]],
+                 train_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     groups = summarize_by_group(test_rows)
-    return {"groups": groups, "worst_group": worst_group(groups),
-            "ood": {split: summarize(rows) for split, rows in ood_rows.items()}}
+    report = {"groups": groups, "worst_group": worst_group(groups),
+              "ood": {split: summarize(rows) for split, rows in ood_rows.items()}}
+    if train_rows:
+        report["train"] = summarize_by_group(train_rows)
+    return report
 
 
 GoldReward = Callable[[PromptRecord, str], float]
@@ -139,27 +179,32 @@ def evaluate_policy(policy, tokenizer, dataset: str, *, n_per_group: int, settin
                     reference=None, scorer: RewardScorer | None = None, batch_size: int = 128,
                     max_prompt_length: int = 512, seed: int = 1234, device: torch.device | str = "cpu",
                     rows_path: Path | None = None, long_prompts: str = "error",
-                    ood_dataset: str | None = None, judge: RewardScorer | None = None) -> dict[str, Any]:
+                    ood_dataset: str | None = None, judge: RewardScorer | None = None, samples: int = 1,
+                    greedy: bool = False, train_prompts: int = 0) -> dict[str, Any]:
     """The ``eval.json`` report for ``policy`` on ``dataset``'s held-out prompts and OOD splits (those of
-    the task, and each group of ``ood_dataset``).
+    the task, and each group of ``ood_dataset``), ``samples`` responses per prompt (pass@k up to it), a greedy
+    one with ``greedy``, and with ``train_prompts`` that many of a task's train prompts per group (``train``).
 
-    With ``rows_path``, every held-out prompt's response and scores are written there (JSON lines, in a
-    fixed prompt order, so two runs' files compare prompt by prompt). ``long_prompts="shorten"`` fits
-    prompts longer than ``max_prompt_length`` as training does (oldest turns dropped, else skipped).
+    With ``rows_path``, every held-out response and its scores are written there (JSON lines, in a fixed order,
+    so two runs' files compare response by response). ``long_prompts="shorten"`` fits prompts longer than
+    ``max_prompt_length`` as training does (oldest turns dropped, else skipped).
     """
     test, gold, ood = evaluation_prompts(dataset, n_per_group, ood_dataset)
+    task = get_task(dataset)
+    train = task.prompts("train", train_prompts, seed=0, shares=False) if task is not None and train_prompts else []
     if long_prompts == "shorten":
         test, _ = fit_to_length(tokenizer, test, max_prompt_length, sides=())
         ood = {split: (fit_to_length(tokenizer, rows, max_prompt_length, sides=())[0], split_gold)
                for split, (rows, split_gold) in ood.items()}
     kwargs = dict(settings=settings, reference=reference, scorer=scorer, judge=judge, batch_size=batch_size,
-                  max_prompt_length=max_prompt_length, seed=seed, device=device)
+                  max_prompt_length=max_prompt_length, seed=seed, device=device, samples=samples, greedy=greedy)
     test_rows = score_prompts(policy, tokenizer, test, gold_reward=gold, **kwargs)
     if rows_path is not None:
-        rows_path.write_text("".join(json.dumps({"prompt": str(r["prompt"]), **row}) + "\n"
-                                     for r, row in zip(test, test_rows, strict=True)), encoding="utf-8")
+        rows_path.write_text("".join(json.dumps({"prompt": str(test[row["prompt_index"]]["prompt"]), **row}) + "\n"
+                                     for row in test_rows), encoding="utf-8")
+    train_rows = score_prompts(policy, tokenizer, train, gold_reward=gold, **kwargs) if train else None
     return build_report(test_rows, {split: score_prompts(policy, tokenizer, rows, gold_reward=split_gold, **kwargs)
-                                    for split, (rows, split_gold) in ood.items()})
+                                    for split, (rows, split_gold) in ood.items()}, train_rows)
 
 
 def detect_stage(run_config: dict[str, Any]) -> str:
@@ -200,7 +245,12 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
     judge = None
     if config.judge:
         judge = RewardScorer(load_reward_model(config.judge).to(device), load_tokenizer(config.judge), tokenizer)
-    settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature, backend="hf")
+    def sampling(key: str, default: Any) -> Any:
+        given = getattr(config, key)
+        return given if given is not None else run_config.get(key, default)
+
+    settings = SamplingSettings(max_new_tokens=sampling("max_new_tokens", 16), temperature=sampling("temperature", 1.0),
+                                top_k=sampling("top_k", 0), top_p=sampling("top_p", 1.0), backend="hf")
     dataset = config.dataset or run_config.get("eval_dataset") or run_config["dataset"]
     report = evaluate_policy(policy, tokenizer, dataset,
                              n_per_group=config.eval_prompts, settings=settings, reference=reference, scorer=scorer,
@@ -208,23 +258,31 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
                              max_prompt_length=run_config.get("max_prompt_length", 512),
                              long_prompts=run_config.get("long_prompts", "error"),
                              ood_dataset=config.ood_dataset or run_config.get("ood_dataset"), judge=judge,
-                             rows_path=run_dir / "eval_rows.jsonl")
+                             rows_path=run_dir / "eval_rows.jsonl", samples=sampling("eval_samples", 1),
+                             greedy=sampling("eval_greedy", False), train_prompts=sampling("eval_train_prompts", 0))
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
     return report
 
 
+REPORTED = ("gold", "reward", "length", "greedy_pass@1")
+
+
+def _summary_metrics(summary: dict[str, Any], prefix: str, name: str) -> dict[str, float]:
+    keys = [*REPORTED, *(k for k in summary if k.startswith("pass@"))]
+    return {f"{prefix}/{key}/{name}": summary[key] for key in keys if summary.get(key) is not None}
+
+
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """An ``eval.json`` report as the metrics a training run logs: ``eval/gold/GROUP``, ``eval/reward/GROUP``,
-    ``eval/gold/ood_SPLIT`` and ``eval/worst_group_gold``."""
+    """An ``eval.json`` report as the metrics a training run logs: ``eval/KEY/GROUP`` and ``eval/KEY/ood_SPLIT``
+    for KEY in gold, reward, length, pass@k, greedy_pass@1 (those measured), ``eval/train/KEY/GROUP`` for train
+    prompts, and ``eval/worst_group_gold``."""
     metrics = {}
     for name, group in report["groups"].items():
-        for key in ("gold", "reward"):
-            if group[key] is not None:
-                metrics[f"eval/{key}/{name}"] = group[key]
+        metrics.update(_summary_metrics(group, "eval", name))
     for split, summary in report["ood"].items():
-        for key in ("gold", "reward"):
-            if summary[key] is not None:
-                metrics[f"eval/{key}/ood_{split}"] = summary[key]
+        metrics.update(_summary_metrics(summary, "eval", f"ood_{split}"))
+    for name, group in report.get("train", {}).items():
+        metrics.update(_summary_metrics(group, "eval/train", name))
     if report["worst_group"]["gold"] is not None:
         metrics["eval/worst_group_gold"] = report["worst_group"]["gold"]
     return metrics

@@ -291,7 +291,9 @@ class PPOTrainer(BaseTrainer):
                                n_per_group=n_per_group or self.config.eval_prompts, settings=self.settings,
                                reference=self.reference, scorer=self.scorer, device=self.device,
                                max_prompt_length=self.config.max_prompt_length,
-                               long_prompts=self.config.long_prompts, ood_dataset=self.config.ood_dataset)
+                               long_prompts=self.config.long_prompts, ood_dataset=self.config.ood_dataset,
+                               samples=self.config.eval_samples, greedy=self.config.eval_greedy,
+                               train_prompts=self.config.eval_train_prompts)
 
     def trainer_state(self) -> dict[str, Any]:
         critic = {} if self.critic is None else {"critic_optimizer": self.optimizer_state(self.critic_optimizer),

@@ -5,7 +5,9 @@ group is a set of prompts, not GRPO's set of samples for one prompt), split into
 out-of-distribution (OOD) splits, with a gold reward in [0, 1] for any response. The group labels
 are used for reporting (and by the ``oracle`` method); the training signal is the reward model.
 
-Register your own with :func:`register_task`.
+Register your own with :func:`register_task`. A *task family* builds tasks from a parametrized name,
+``FAMILY:ARGUMENTS`` (``reasoning_gym:chain_sum?max_terms=2,products``): register one with
+:func:`register_task_family`; each distinct name is built once per process.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from gipo.registry import Registry
 
 PromptRecord = dict[str, Any]
 """``{"prompt": str | list[message], "group": str, ...task fields}``."""
@@ -53,6 +57,12 @@ class Task:
 
 
 _TASKS: dict[str, Task] = {}
+_BUILT: dict[str, Task] = {}
+
+TaskFamily = Callable[[str], Task]
+"""``build(arguments) -> Task`` for the name ``FAMILY:arguments``; bad arguments raise a DataError."""
+
+TASK_FAMILIES: Registry[TaskFamily] = Registry("task family", "dataset")
 
 
 def register_task(task: Task) -> Task:
@@ -61,12 +71,26 @@ def register_task(task: Task) -> Task:
     return task
 
 
+def register_task_family(prefix: str, build: TaskFamily, about: str = "", *, replace: bool = False) -> None:
+    """Make ``PREFIX:ARGUMENTS`` a task name: ``build(ARGUMENTS)`` makes the task (once per distinct name)."""
+    TASK_FAMILIES.register(prefix, build, about, replace=replace)
+
+
 def get_task(name: str) -> Task | None:
-    return _TASKS.get(name)
+    """The task registered as ``name`` or built by its family (``FAMILY:ARGUMENTS``); None for anything else
+    (a file, a dataset id)."""
+    if name in _TASKS:
+        return _TASKS[name]
+    family, sep, arguments = name.partition(":")
+    if not sep or family not in TASK_FAMILIES:
+        return None
+    if name not in _BUILT:
+        _BUILT[name] = TASK_FAMILIES.get(family)(arguments)
+    return _BUILT[name]
 
 
 def task_names() -> list[str]:
-    return sorted(_TASKS)
+    return sorted(_TASKS) + [f"{family}:..." for family in TASK_FAMILIES.names()]
 
 
 def edit_distance(a: str, b: str) -> int:

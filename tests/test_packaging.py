@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -28,3 +30,13 @@ def test_torch_is_a_range_and_the_makefile_installs_the_tested_version_first():
     assert "==" not in torch and ">=" in torch
     makefile = (ROOT / "Makefile").read_text()
     assert makefile.index("pip install -q torch==2.13.0") < makefile.index('-e ".[dev')
+
+
+def test_reasoning_gym_is_an_extra_that_import_gipo_does_not_load():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(dep.startswith("reasoning") for dep in project["dependencies"])
+    assert any(dep.startswith("reasoning-gym") for dep in project["optional-dependencies"]["reasoning"])
+    assert '.[dev,bench,reasoning]"' in (ROOT / "Makefile").read_text()  # make test runs its tests
+    loaded = subprocess.run([sys.executable, "-c", "import sys, gipo; print('reasoning_gym' in sys.modules, "
+                             "'math_verify' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == ["False", "False"]
