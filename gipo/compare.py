@@ -19,8 +19,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gipo.config import (
     DPO_METHODS,
     ConfigError,
@@ -31,6 +29,7 @@ from gipo.config import (
     SFTConfig,
     build_config,
     read_yaml,
+    save_config,
 )
 from gipo.evaluation import evaluate_run
 from gipo.run_dir import differing_keys
@@ -349,7 +348,7 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
             given = {"policy": start_policy} if start_policy else {}
             if start_policy:  # the start folder holds the config its evaluation reads, no weights
                 sft_dir.mkdir(parents=True, exist_ok=True)
-                (sft_dir / "config.yaml").write_text(yaml.safe_dump({**ppo_o, "seed": seed}, sort_keys=False))
+                save_config(build_config(PPOConfig, {**ppo_o, "seed": seed}), sft_dir / "config.yaml")
             earlier = out / f"seed-{first_seed}" / START
             if start_policy and not uses_reward_model and (earlier / "eval.json").exists():
                 # The start model and its evaluation (fixed prompts and sampling seed) are the same for every seed.

@@ -249,8 +249,12 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
         given = getattr(config, key)
         return given if given is not None else run_config.get(key, default)
 
+    # A PPO run is evaluated with its own sampling loop; other runs (SFT, DPO) with transformers' generate.
     settings = SamplingSettings(max_new_tokens=sampling("max_new_tokens", 16), temperature=sampling("temperature", 1.0),
-                                top_k=sampling("top_k", 0), top_p=sampling("top_p", 1.0), backend="hf")
+                                top_k=sampling("top_k", 0), top_p=sampling("top_p", 1.0),
+                                backend=run_config.get("generation_backend", "hf"),
+                                share_prompts=run_config.get("share_prompt_prefix", False),
+                                draws=run_config.get("sampling_draws", "multinomial"))
     dataset = config.dataset or run_config.get("eval_dataset") or run_config["dataset"]
     report = evaluate_policy(policy, tokenizer, dataset,
                              n_per_group=config.eval_prompts, settings=settings, reference=reference, scorer=scorer,

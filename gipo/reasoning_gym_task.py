@@ -49,6 +49,8 @@ DEFAULT_SYSTEM_PROMPT = "Answer the question. Give only the final answer, nothin
 PROMPT_FORMATS = ("chat", "plain")
 TASK_KEYS = ("params", "weight", "ood", "math_verify")
 OPTIONS = ("extract", "system_prompt", "prompt_format")
+ANSWER_FORMS = {"answer_tags": "<answer>{}</answer>", "boxed": "\\boxed{{{}}}"}
+"""How a demonstration writes the answer for an extractor (the bare answer for the others)."""
 DRAWS_PER_PROMPT = 50
 """A held-out split stops looking for new distinct questions after this many draws per prompt asked for."""
 
@@ -248,7 +250,8 @@ class ReasoningGymTask:
         self.scorers = {s.name: _make_dataset(s.name, s.params, 0, 1, FAMILY) for s in self.mix.tasks}
         self.extract = EXTRACTORS.get(self.mix.extract)
         self.task = Task(name=f"{FAMILY}:{arguments}", groups=list(self.settings), make_split=self.make_split,
-                         gold_reward=self.gold_reward, ood_splits=[f"harder_{name}" for name in self.settings])
+                         gold_reward=self.gold_reward, demonstration=self.demonstration,
+                         ood_splits=[f"harder_{name}" for name in self.settings])
 
     def make_split(self, split: str, n_per_group: int, rng: random.Random) -> list[PromptRecord]:
         if split.startswith("harder_") and split.removeprefix("harder_") in self.settings:
@@ -292,6 +295,11 @@ class ReasoningGymTask:
             raise DataError(f"{self.task.name}, task {setting.name}: no question falls in the {split} split in "
                             f"{limit} draws; widen its parameters.")
         return records
+
+    def demonstration(self, record: PromptRecord, rng: random.Random) -> str:
+        """The reference answer in the form ``extract`` reads: what an SFT stage (``gipo sft``) imitates where the
+        model cannot start on a task."""
+        return ANSWER_FORMS.get(self.mix.extract, "{}").format(record["answer"])
 
     def gold_reward(self, record: PromptRecord, response: str) -> float:
         answer = self.extract(response)

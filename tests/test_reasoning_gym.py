@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,15 @@ def test_gold_reward_is_the_tasks_score_on_the_extracted_answer():
     assert answer_format([None, None], ["it is 3", "none"], [record, record]) == [1.0, 0.0]
 
 
+@pytest.mark.parametrize("extract, form", [("last_number", "{}"), ("answer_tags", "<answer>{}</answer>"),
+                                           ("boxed", "\\boxed{{{}}}")])
+def test_demonstrations_write_the_answer_as_the_extractor_reads_it(extract, form):
+    task = get_task(f"reasoning_gym:chain_sum?max_terms=2&max_digits=1;extract={extract}")
+    record = task.prompts("train", 1, seed=0)[0]
+    demonstration = task.demonstration(record, random.Random(0))
+    assert demonstration == form.format(record["answer"]) and task.gold_reward(record, demonstration) == 1.0
+
+
 def test_math_verify_counts_equal_math_answers(tmp_path):
     pytest.importorskip("math_verify", reason="math-verify is not installed: pip install 'gipo[reasoning]'")
     path = tmp_path / "mix.yaml"
@@ -177,3 +187,14 @@ def test_compare_starts_from_a_given_policy_and_pairs_with_it(tiny_pipeline, tmp
     # Both evaluations drew 2 responses per prompt with the PPO stage's settings.
     rows = (tmp_path / "cmp" / "seed-0" / "grpo" / "eval_rows.jsonl").read_text().splitlines()
     assert len(rows) == 2 * 2 * 2 and Path(tmp_path / "cmp" / "report.md").exists()
+
+
+def test_an_sft_stage_imitates_the_reference_answers(tmp_path):
+    from gipo import SFTConfig, SFTTrainer
+    from gipo.data import load_sft_examples
+
+    examples = load_sft_examples(SPEC, 4, seed=0)
+    assert len(examples) == 8 and all(e["completion"] == e["answer"] for e in examples)
+    config = build_config(SFTConfig, {**QUIET, "dataset": SPEC, "max_steps": 2, "batch_size": 4, "max_length": 160})
+    SFTTrainer(config, output_dir=tmp_path / "sft", examples_per_group=4).train()
+    assert (tmp_path / "sft" / "final").is_dir()
