@@ -102,8 +102,10 @@ def max_gold_drop(metrics: list[dict[str, Any]]) -> float | None:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """A run's sampled held-out responses (greedy ones, drawn with ``eval_greedy``, are summarized in eval.json)."""
     text = read_text_or_gzip(path)
-    return [json.loads(line) for line in text.splitlines()] if text is not None else []
+    rows = [json.loads(line) for line in text.splitlines()] if text is not None else []
+    return [row for row in rows if row.get("sample") != "greedy"]
 
 
 def _std(values: list[float]) -> float:
@@ -134,6 +136,10 @@ def pass_rates(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {name: sum(v) / len(v) for name, v in by_group.items()}
 
 
+EXTRA_FIGURES = ("greedy_pass@1", "length")
+"""Per-group figures of eval.json carried into summary.json besides gold, reward and pass rate (and pass@k)."""
+
+
 def seed_figures(run_dir: Path, sft_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The per-seed numbers that summary.json averages."""
     report = json.loads((run_dir / "eval.json").read_text())
@@ -144,13 +150,16 @@ def seed_figures(run_dir: Path, sft_rows: list[dict[str, Any]]) -> dict[str, Any
     n_total = sum(g["n"] for g in groups.values())
     kls = [g["kl"] * g["n"] for g in groups.values() if g["kl"] is not None]
     return {
-        "groups": {name: {"gold": g["gold"], "reward": g["reward"], "pass_rate": passes.get(name)}
+        "groups": {name: {"gold": g["gold"], "reward": g["reward"], "pass_rate": passes.get(name),
+                          **{k: v for k, v in g.items() if k in EXTRA_FIGURES or k.startswith("pass@")}}
                    for name, g in groups.items()},
         "worst_group_gold": min(golds) if golds else None,
         "worst_group_pass_rate": min(passes.values()) if passes else None,
         "mean_pass_rate": sum(passes.values()) / len(passes) if passes else None,
         "spread_gold": max(golds) - min(golds) if golds else None,
-        "ood": {split: {"gold": s["gold"], "reward": s["reward"]} for split, s in report["ood"].items()},
+        "ood": {split: {"gold": s["gold"], "reward": s["reward"],
+                        **{k: v for k, v in s.items() if k in EXTRA_FIGURES or k.startswith("pass@")}}
+                for split, s in report["ood"].items()},
         "kl": sum(kls) / n_total if kls else None,
         "max_gold_drop": max_gold_drop(read_metrics(run_dir / "metrics.jsonl")),
         "proxy_gold_gap": proxy_gold_gap(rows, sft_rows),
@@ -161,7 +170,7 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and ci95 over seeds of every figure in :func:`seed_figures`."""
     def nested(part: str) -> dict[str, dict[str, Any]]:
         first = per_seed[0][part]
-        return {name: {k: mean_ci([s[part][name][k] for s in per_seed]) for k in first[name]} for name in first}
+        return {name: {k: mean_ci([s[part][name].get(k) for s in per_seed]) for k in first[name]} for name in first}
 
     return {"seeds": len(per_seed), "groups": nested("groups"), "ood": nested("ood"),
             **{k: mean_ci([s[k] for s in per_seed])
@@ -187,7 +196,11 @@ def paired_differences(names: list[str], per_seed: dict[str, list[dict[str, Any]
     figures = {"worst_group_gold": lambda f: f["worst_group_gold"], "mean_gold": mean_gold,
                "worst_group_pass_rate": lambda f: f.get("worst_group_pass_rate"),
                "mean_pass_rate": lambda f: f.get("mean_pass_rate"),
-               **{f"ood_{split}_gold": (lambda f, s=split: f["ood"][s]["gold"]) for split in base[0]["ood"]}}
+               **{f"ood_{split}_gold": (lambda f, s=split: f["ood"][s]["gold"]) for split in base[0]["ood"]},
+               **{f"ood_{split}_pass@1": (lambda f, s=split: f["ood"][s].get("pass@1"))
+                  for split in base[0]["ood"] if "pass@1" in base[0]["ood"][split]},
+               **{f"{name}_pass_rate": (lambda f, g=name: f["groups"][g]["pass_rate"])
+                  for name, group in base[0]["groups"].items() if group["pass_rate"] is not None}}
     return {name: {key: mean_ci([difference(get, a, b) for a, b in zip(per_seed[name], base, strict=True)])
                    for key, get in figures.items()} for name in names[1:]}
 
@@ -349,8 +362,8 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
             if start_policy:  # the start folder holds the config its evaluation reads, no weights
                 sft_dir.mkdir(parents=True, exist_ok=True)
                 save_config(build_config(PPOConfig, {**ppo_o, "seed": seed}), sft_dir / "config.yaml")
-            earlier = out / f"seed-{first_seed}" / START
-            if start_policy and not uses_reward_model and (earlier / "eval.json").exists():
+            earlier = next((d.parent for d in sorted(out.glob(f"seed-*/{START}/eval.json"))), None)
+            if start_policy and not uses_reward_model and earlier is not None:
                 # The start model and its evaluation (fixed prompts and sampling seed) are the same for every seed.
                 for name in ("eval.json", "eval_rows.jsonl"):
                     shutil.copyfile(earlier / name, sft_dir / name)

@@ -184,6 +184,9 @@ def test_compare_starts_from_a_given_policy_and_pairs_with_it(tiny_pipeline, tmp
         assert (start / "eval.json").exists() and not (start / "final").exists()
         assert not (tmp_path / "cmp" / f"seed-{seed}" / "sft").exists()
     assert summary["methods"]["start"]["groups"]["products"]["pass_rate"]["mean"] is not None
+    assert summary["methods"]["grpo"]["groups"]["products"]["pass@2"]["mean"] is not None
+    paired = summary["paired_vs_start"]["grpo"]
+    assert {"products_pass_rate", "chain_sum_pass_rate", "mean_pass_rate", "ood_harder_products_pass@1"} <= set(paired)
     # Both evaluations drew 2 responses per prompt with the PPO stage's settings.
     rows = (tmp_path / "cmp" / "seed-0" / "grpo" / "eval_rows.jsonl").read_text().splitlines()
     assert len(rows) == 2 * 2 * 2 and Path(tmp_path / "cmp" / "report.md").exists()
