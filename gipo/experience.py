@@ -7,6 +7,7 @@ the (group-adaptive) KL penalty and compute advantages; the result is an ``Exper
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -121,17 +122,23 @@ class ExperienceCollector:
     def collect(self, indices: list[int], step: int, kl_coef: float) -> tuple[Experience, dict[str, float]]:
         """Sample, score, shape and estimate for ``indices`` (each prompt ``num_generations`` times, side by side)."""
         config, models = self.config, self.models
+        clock = time.perf_counter()
         rollout = generate(models.policy, *self._query(indices), self.tokenizer.eos_token_id,
                            self.tokenizer.pad_token_id, self.settings, with_logprobs=self.reuse_logprobs,
                            with_states=self.reuse_logprobs and config.shared_critic)
+        timings = {"time/generation": time.perf_counter() - clock}
         mask = rollout.response_mask
         with self.autocast():
+            clock = time.perf_counter()
             logprobs, values, group_logits = self._old_policy(rollout)
             ref_logprobs = None
             if models.reference is not None:
                 ref_logprobs, _ = response_logprobs(models.reference, rollout, config.temperature,
                                                     share_prompts=config.share_prompt_prefix)
+            timings["time/logprobs"] = time.perf_counter() - clock
+            clock = time.perf_counter()
             raw_scores = self.score(rollout, indices, step)
+            timings["time/scoring"] = time.perf_counter() - clock
         check_finite(step, **present(**{"reward_model_scores" if isinstance(self.reward, ModelReward) else "rewards": raw_scores},
                                      log_probabilities=logprobs, reference_log_probabilities=ref_logprobs,
                                      values=values))
@@ -164,6 +171,7 @@ class ExperienceCollector:
             "val/num_eos_tokens": dist.global_sum(rollout.has_eos.float().sum()).item(),
             "response/length": dist.global_mean(rollout.lengths.float()).item(),
             **sample_metrics,
+            **timings,
         }
         if kl_sum is not None:
             metrics["objective/kl"] = dist.global_mean(kl_sum).item()
