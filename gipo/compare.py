@@ -200,7 +200,7 @@ def paired_differences(names: list[str], per_seed: dict[str, list[dict[str, Any]
                **{f"ood_{split}_pass@1": (lambda f, s=split: f["ood"][s].get("pass@1"))
                   for split in base[0]["ood"] if "pass@1" in base[0]["ood"][split]},
                **{f"{name}_pass_rate": (lambda f, g=name: f["groups"][g]["pass_rate"])
-                  for name, group in base[0]["groups"].items() if group["pass_rate"] is not None}}
+                  for name, group in base[0]["groups"].items() if group.get("pass_rate") is not None}}
     return {name: {key: mean_ci([difference(get, a, b) for a, b in zip(per_seed[name], base, strict=True)])
                    for key, get in figures.items()} for name in names[1:]}
 

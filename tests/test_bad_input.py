@@ -192,7 +192,7 @@ CASES = [
          "sft.jsonl", "does not exist"),
     case("dataset-name-not-task-nor-file", DataError,  # a typo of the task name
          lambda t, m: (failing_hub(m), load_prompts("bultin", "train", 1, 0)),
-         "'bultin'", "neither a registered task (builtin, builtin_swap)", "nor a local file"),
+         "'bultin'", "neither a registered task (builtin, builtin_swap, reasoning_gym:...)", "nor a local file"),
     # Token lengths and chat templates.
     case("prompt-longer-than-allowed", DataError,
          lambda t, m: encode_prompts(build_embedded_tokenizer(), ["short", "x" * 12], 8, "prompts.jsonl"),
