@@ -21,6 +21,9 @@ LEGACY = json.loads((Path(__file__).with_name("fixtures") / "legacy_runs" / "leg
 NUMERICS = ("torch", "transformers", "cpu", "cpu_capability")
 
 
+KEYS_ADDED_SINCE = ("prompt_sampling", "eval_samples", "eval_greedy", "eval_train_prompts")
+
+
 def _untimed(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
@@ -30,11 +33,13 @@ def _rows(path: Path) -> list[dict]:
 
 
 def as_written_before(run_dir: Path) -> None:
-    """Rewrite a run directory as commit 0817b4b wrote it: no ``prompt_sampling`` key in config.yaml, no
-    ``sampling_rule`` in the trainer state, and the group-weights state (weights, loss EMA, groups seen) kept with
-    the prompt groups whatever the sampling (at its start values where the run sampled uniformly)."""
+    """Rewrite a run directory as commit 0817b4b wrote it: none of the config keys added since (``prompt_sampling``,
+    the evaluation's ``eval_samples``, ``eval_greedy``, ``eval_train_prompts``) in config.yaml, no ``sampling_rule``
+    in the trainer state, and the group-weights state (weights, loss EMA, groups seen) kept with the prompt groups
+    whatever the sampling (at its start values where the run sampled uniformly)."""
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    config.pop("prompt_sampling")
+    for key in KEYS_ADDED_SINCE:
+        config.pop(key)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     checkpoint = run_dir / "checkpoints" / "step-2"
     state = load_state(checkpoint)

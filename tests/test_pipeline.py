@@ -83,7 +83,7 @@ def test_eval_json_shape(tiny_pipeline, tmp_path):
     assert set(report) == {"groups", "worst_group", "ood"}
     assert set(report["groups"]) == {"copy", "sort", "reverse", "add"}
     for summary in [*report["groups"].values(), *report["ood"].values()]:
-        assert set(summary) == {"n", "reward", "gold", "judge", "kl", "length"}
+        assert set(summary) == {"n", "reward", "gold", "judge", "kl", "length", "pass@1"}  # 1 sample a prompt
         assert 0.0 <= summary["gold"] <= 1.0 and summary["length"] >= 1 and summary["judge"] is None
     assert report["groups"]["copy"]["n"] == 3 and "long" in report["ood"]
     worst = report["worst_group"]
