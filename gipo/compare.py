@@ -140,6 +140,10 @@ EXTRA_FIGURES = ("greedy_pass@1", "length")
 """Per-group figures of eval.json carried into summary.json besides gold, reward and pass rate (and pass@k)."""
 
 
+def _extra(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k in EXTRA_FIGURES or k.startswith("pass@")}
+
+
 def seed_figures(run_dir: Path, sft_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The per-seed numbers that summary.json averages."""
     report = json.loads((run_dir / "eval.json").read_text())
@@ -150,16 +154,13 @@ def seed_figures(run_dir: Path, sft_rows: list[dict[str, Any]]) -> dict[str, Any
     n_total = sum(g["n"] for g in groups.values())
     kls = [g["kl"] * g["n"] for g in groups.values() if g["kl"] is not None]
     return {
-        "groups": {name: {"gold": g["gold"], "reward": g["reward"], "pass_rate": passes.get(name),
-                          **{k: v for k, v in g.items() if k in EXTRA_FIGURES or k.startswith("pass@")}}
+        "groups": {name: {"gold": g["gold"], "reward": g["reward"], "pass_rate": passes.get(name), **_extra(g)}
                    for name, g in groups.items()},
         "worst_group_gold": min(golds) if golds else None,
         "worst_group_pass_rate": min(passes.values()) if passes else None,
         "mean_pass_rate": sum(passes.values()) / len(passes) if passes else None,
         "spread_gold": max(golds) - min(golds) if golds else None,
-        "ood": {split: {"gold": s["gold"], "reward": s["reward"],
-                        **{k: v for k, v in s.items() if k in EXTRA_FIGURES or k.startswith("pass@")}}
-                for split, s in report["ood"].items()},
+        "ood": {split: {"gold": s["gold"], "reward": s["reward"], **_extra(s)} for split, s in report["ood"].items()},
         "kl": sum(kls) / n_total if kls else None,
         "max_gold_drop": max_gold_drop(read_metrics(run_dir / "metrics.jsonl")),
         "proxy_gold_gap": proxy_gold_gap(rows, sft_rows),
@@ -343,7 +344,8 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
         sft_dir, rm_dir = seed_dir / (START if start_policy else "sft"), seed_dir / "rm"
         sft_cfg = build_config(SFTConfig, {**sft_o, "seed": seed})
         rm_cfg = build_config(RewardConfig, {**rm_o, "seed": seed, "model": str(sft_dir / "final")})
-        eval_config = evaluation_settings(build_config(PPOConfig, {**ppo_o, "seed": seed}), sft_cfg.device, judge)
+        seed_ppo = build_config(PPOConfig, {**ppo_o, "seed": seed})
+        eval_config = evaluation_settings(seed_ppo, sft_cfg.device, judge)
         # A seed whose runs are all evaluated reports from its files alone: a compare folder kept without its
         # weights (eval.json, eval_rows.jsonl, metrics.jsonl, config.yaml per run) reports without retraining.
         evaluated = [sft_dir, *(seed_dir / run.name for run in runs)]
@@ -361,7 +363,7 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
             given = {"policy": start_policy} if start_policy else {}
             if start_policy:  # the start folder holds the config its evaluation reads, no weights
                 sft_dir.mkdir(parents=True, exist_ok=True)
-                save_config(build_config(PPOConfig, {**ppo_o, "seed": seed}), sft_dir / "config.yaml")
+                save_config(seed_ppo, sft_dir / "config.yaml")
             earlier = next((d.parent for d in sorted(out.glob(f"seed-*/{START}/eval.json"))), None)
             if start_policy and not uses_reward_model and earlier is not None:
                 # The start model and its evaluation (fixed prompts and sampling seed) are the same for every seed.
