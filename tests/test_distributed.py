@@ -49,7 +49,10 @@ ENTRIES = {"gipo": ("-m", "gipo"), "ranked": (str(Path(__file__).with_name("rank
 
 def _run(command: list[str], processes: int, mode: tuple[str, ...] = ("--multi_gpu",),
          entry: tuple[str, ...] = ENTRIES["gipo"]) -> None:
+    # DeepSpeed compiles its shared-memory op on first use under a file lock; a build killed mid-way elsewhere
+    # (another checkout sharing ~/.cache) leaves that lock behind and every later launch waits on it for ever.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     if processes > 1:
         accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
