@@ -30,6 +30,7 @@ from gipo.config import (
     build_config,
     read_yaml,
     save_config,
+    upgrade_saved_config,
 )
 from gipo.evaluation import evaluate_run
 from gipo.run_dir import differing_keys
@@ -376,6 +377,8 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
         sft_rows = _read_rows(sft_dir / "eval_rows.jsonl")
         for run in runs:
             run_dir = seed_dir / run.name
+            if (run_dir / "eval.json").exists() and run.method not in DPO_METHODS:
+                _check_finished_run(run_dir, run.method)
             if not (run_dir / "eval.json").exists():
                 if run.method in DPO_METHODS:
                     config = build_config(DPOConfig, {**dpo_o, "group_objective": DPO_METHODS[run.method], "seed": seed,
@@ -470,6 +473,15 @@ def archive_results(out: str | Path, dest: str | Path) -> list[Path]:
             copy.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0) if packed else text.encode("utf-8"))
             written.append(copy)
     return written
+
+
+def _check_finished_run(run_dir: Path, method: str) -> None:
+    """A finished run is reused only if it was trained as ``method`` (one trained under a name whose mechanism has
+    moved to another name would otherwise be reported under the new mechanism's name)."""
+    saved = upgrade_saved_config(read_yaml(run_dir / "config.yaml")).get("method")
+    if saved != method:
+        raise ConfigError(f"compare: {run_dir} holds a finished run of method {saved!r}, not {method!r} (a method "
+                          "renamed since?). Remove it, or compare into another --out.")
 
 
 def identical_run(seed_dir: Path, config: PPOConfig) -> Path | None:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from gipo.advantage_weighting import ADVANTAGE_WEIGHTINGS
 from gipo.errors import ConfigError
 from gipo.estimators import ESTIMATORS, get_estimator
 from gipo.registry import Registry
@@ -169,9 +170,18 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "grpo_gipo": {"_about": "GRPO with the paper's three parts: groups inferred from the prompts' mean rewards, "
                   "invariant objective, group-adaptive KL", "estimator": "grpo", "groups": "inferred",
                   "group_objective": "variance", "group_kl": True, "group_var": "mass", "prompt_sampling": "uniform"},
-    "grpo_prompt_gdro": {"_about": "GRPO with Prompt-GDRO: pass-rate bins decide which prompts are sampled",
-                         "estimator": "grpo", "groups": "difficulty", "group_objective": "none", "group_kl": False,
-                         "prompt_sampling": "group_weights"},
+    "grpo_prompt_gdro": {"_about": "GRPO with Prompt-GDRO as published: uniform sampler, each advantage times its "
+                         "pass-rate bin's weight", "estimator": "grpo", "groups": "pass_bins",
+                         "group_objective": "none", "group_kl": False, "prompt_sampling": "uniform",
+                         "advantage_weighting": "prompt_gdro"},
+    "grpo_gdro_sampling": {"_about": "GRPO whose batches are filled by the mean-reward bins' sampling weights (the "
+                           "mechanism gipo named grpo_prompt_gdro before it followed the paper)", "estimator": "grpo",
+                           "groups": "difficulty", "group_objective": "none", "group_kl": False,
+                           "prompt_sampling": "group_weights", "advantage_weighting": "none"},
+    "grpo_learnability": {"_about": "GRPO with learnability sampling: prompts drawn by p(1-p) at their pass rate "
+                          "(Foster et al. 2025); mean-reward bins only for the per-bin metrics", "estimator": "grpo",
+                          "groups": "difficulty", "group_objective": "none", "group_kl": False,
+                          "prompt_sampling": "learnability", "advantage_weighting": "none"},
     "grpo_gipo_sampling": {"_about": "GRPO whose batches are filled by the inferred groups' sampling weights (the "
                            "head places every prompt, seen or not, from its hidden state)", "estimator": "grpo",
                            "groups": "inferred", "group_objective": "none", "group_kl": False, "group_var": "mass",
@@ -180,6 +190,19 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
                         "groups": "oracle", "group_objective": "dro", "group_kl": False, "prompt_sampling": "uniform"},
     "custom": {"_about": "no preset: set the group keys and the estimator yourself"},
 }
+
+RENAMED_METHODS: dict[str, tuple[str, str]] = {"grpo_prompt_gdro": ("grpo_gdro_sampling", "advantage_weighting")}
+"""Presets whose mechanism moved to another name: old name -> (new name, the key added with the move). A saved
+config with the old name and without that key was written before the move."""
+
+
+def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run directory's saved config as today's names call it (for --resume and compare's reuse checks)."""
+    renamed = RENAMED_METHODS.get(saved.get("method", ""))
+    if renamed is not None and renamed[1] not in saved:
+        return {**saved, "method": renamed[0]}
+    return saved
+
 
 def _preset_conflict(method: str, key: str, preset: Any, given: Any) -> str:
     return (f"PPOConfig: method={method} sets {key}={preset!r}, but {key}={given!r} was given. Use "
@@ -211,6 +234,9 @@ class PPOConfig(RunConfig):
                                  "reads detached hidden states. One process only.")
     dataset: str = option("builtin", "Prompts: a registered task name, a file or a dataset id with a prompt "
                           "(text or chat messages) and optionally a group per row.")
+    train_prompts_per_group: int = option(2000, "Training prompts per group (domain) taken from the dataset's train "
+                                          "split (fewer if it has fewer): with fewer, each prompt comes round "
+                                          "more often.", min=1)
     batch_size: int = option(64, "Samples (responses) per iteration, the rollout batch: num_generations samples of "
                              "each of batch_size / num_generations prompts.", min=1)
     mini_batch_size: int = option(32, "Samples per optimizer step within an epoch.", min=1)
@@ -329,10 +355,12 @@ class PPOConfig(RunConfig):
                          "(use custom).", choices=tuple(METHOD_PRESETS))
     groups: str = option("none", "Where groups come from: none, inferred (a group head trained to maximize R_var: "
                          "on the critic with gae, on the policy's detached hidden state at the prompt with the "
-                         "critic-free estimators), difficulty (bins of each prompt's mean-reward EMA, Prompt-GDRO) "
-                         "or oracle (the data's group labels).",
-                         choices=("none", "inferred", "difficulty", "oracle"))
-    num_groups: int = option(2, "M, the number of inferred groups (the paper: 2).", min=2)
+                         "critic-free estimators), difficulty (equal-width bins of each prompt's mean-reward EMA), "
+                         "pass_bins (Prompt-GDRO's bins of each prompt's any-of-k pass rate over its last "
+                         "pass_window visits, with hysteresis) or oracle (the data's group labels).",
+                         choices=("none", "inferred", "difficulty", "pass_bins", "oracle"))
+    num_groups: int = option(2, "M, the number of inferred groups (the paper: 2) or of equal-width bins (difficulty, "
+                             "pass_bins; Prompt-GDRO's authors found about 6 best).", min=2)
     group_signal: str = option("return", "Per-sample performance that forms the groups: return (shaped PPO "
                                "return, the paper), score (reward-model score) or gain (score minus the "
                                "reference policy's mean score on the same prompt).",
@@ -365,6 +393,22 @@ class PPOConfig(RunConfig):
                                              "mean reward).", min=0)
     group_sampling_floor: float = option(0.1, "Share of the sampling mixed in uniformly over the groups, so that "
                                          "none stops being seen.", min=0, max=1)
+    advantage_weighting: str = option("none", "A multiplier on each sample's advantage from its group: a registered "
+                                      "rule or python:MODULE:CLASS (docs/extending.md); prompt_gdro needs groups.",
+                                      registry=ADVANTAGE_WEIGHTINGS)
+    pass_window: int = option(50, "pass_bins: a prompt's pass rate is the share of its last pass_window visits in "
+                              "which any of its samples passed (reward >= 1); Prompt-GDRO's H.", min=1)
+    pass_hysteresis: float = option(0.03, "pass_bins: a prompt changes bin only once its pass rate is past the "
+                                    "bin's edge by this much; Prompt-GDRO's delta.", min=0, max=0.5)
+    gdro_eta: float = option(0.65, "prompt_gdro: eta, the bin weights' exp(eta * score) step.", min=0)
+    gdro_ema_beta: float = option(0.12, "prompt_gdro: beta of each bin score's EMA, s <- (1 - beta) s + beta x.",
+                                  min=0, max=1, min_exclusive=True)
+    gdro_gamma: float = option(0.01, "prompt_gdro: share of the bin weights mixed in uniformly over the bins "
+                               "present in the batch.", min=0, max=1)
+    gdro_weight_cap: float = option(15.0, "prompt_gdro: largest advantage multiplier, after rescaling the batch's "
+                                    "weights to a mean of 1.", min=1)
+    gdro_score_by_share: bool = option(True, "prompt_gdro: divide a bin's mean surrogate loss by its share of the "
+                                       "batch before the EMA (the authors' runs do).")
     difficulty_ema: float = option(0.8, "Decay of each prompt's mean-reward EMA (difficulty bins) and of each "
                                    "group's mean-loss EMA (sampling weights).", min=0, max=0.999)
     group_head_steps: int = option(5, "Gradient steps per iteration of the prompt group head (inferred groups "
@@ -444,6 +488,9 @@ class PPOConfig(RunConfig):
             if self.groups == "inferred" and self.group_signal != "return":
                 raise ConfigError(f"PPOConfig: without a critic, inferred groups form from each prompt's mean reward; "
                                   f"group_signal={self.group_signal} is the critic's (estimator=gae).")
+        if self.advantage_weighting != "none" and self.groups == "none":
+            raise ConfigError(f"PPOConfig: advantage_weighting={self.advantage_weighting} weighs samples by their "
+                              "group: set groups (pass_bins for Prompt-GDRO).")
         if self.group_sampling and self.groups == "none":
             raise ConfigError(f"PPOConfig: prompt_sampling={self.prompt_sampling} reads the groups: set groups to "
                               "inferred, difficulty or oracle.")

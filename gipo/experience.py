@@ -77,6 +77,7 @@ class Experience:
     ref_logprobs: torch.Tensor | None = None  # (B, T) when the KL is in the loss
     loss_kl_coef: torch.Tensor | None = None  # (B,) its per-sample coefficient
     keep: torch.Tensor | None = None  # (B,) 0 for samples the loss drops (filter_zero_std, mask_truncated)
+    advantage_weights: torch.Tensor | None = None  # (B,) the advantage weighting rule's multipliers; None: all 1
 
     def __len__(self) -> int:
         return self.rollout.response_ids.shape[0]
@@ -155,12 +156,14 @@ class ExperienceCollector:
 
         rewards = shape_rewards(scores, reward_kl, mask, view.kl_coef)
         advantages, returns = self.estimator.fn(rewards, mask, values, self.advantage_settings, self.reduce)
-        check_finite(step, **present(shaped_rewards=rewards, advantages=advantages, returns=returns))
+        check_finite(step, **present(shaped_rewards=rewards, advantages=advantages, returns=returns,
+                                     advantage_weights=view.advantage_weights))
 
         keep, sample_metrics = self._kept_samples(raw_scores, rollout)
         loss_kl = config.kl_in == "loss" and ref_logprobs is not None
         experience = Experience(rollout, logprobs, values, advantages, returns, view.signal, view.fixed_probs,
                                 ref_logprobs=ref_logprobs if loss_kl else None, keep=keep,
+                                advantage_weights=view.advantage_weights,
                                 loss_kl_coef=torch.as_tensor(view.kl_coef, device=self.device).expand(len(indices))
                                 if loss_kl else None)
         metrics = {

@@ -1,6 +1,7 @@
 """An RL run's group state: where each sample's group comes from (the data's labels, the critic's group head,
-or groups of whole prompts), the sampling rule that fills the next batch, the group-adaptive KL coefficients,
-group DRO's weights, and the per-group and per-domain metrics; all of it in checkpoints.
+or groups of whole prompts), the sampling rule that fills the next batch, the advantage weighting rule, the
+group-adaptive KL coefficients, group DRO's weights, and the per-group and per-domain metrics; all of it in
+checkpoints.
 
 The collect step hands ``GroupState.observe`` its scored batch once (``GroupBatch``) and gets back what it needs
 (``GroupView``): the assignment, the per-sample KL coefficients and the signal the groups separate. A *group*
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from gipo import distributed as dist
 from gipo import groups as G
+from gipo.advantage_weighting import ADVANTAGE_WEIGHTINGS
 from gipo.config import PPOConfig
 from gipo.data import EpochSampler
 from gipo.losses import shape_rewards
@@ -48,6 +50,7 @@ class GroupView:
     probs: torch.Tensor | None = None  # (B, M) each sample's group assignment; None without groups
     fixed_probs: torch.Tensor | None = None  # (B, M) the assignment the update keeps (labels, prompt groups)
     signal: torch.Tensor | None = None  # (B,) what the groups separate; None without groups
+    advantage_weights: torch.Tensor | None = None  # (B,) multipliers of the advantages; None: all 1
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -70,9 +73,10 @@ class GroupState:
         self.baseline_scores = baseline_scores
         self.reduce = dist.global_sum
         self.rule = SAMPLING_RULES.get(config.prompt_sampling)(config, self.num_groups)
+        self.weighting = ADVANTAGE_WEIGHTINGS.get(config.advantage_weighting)(config, self.num_groups)
         self.prompt_groups: PromptGroups | None = None
-        if config.groups == "difficulty" or config.group_sampling or (config.groups == "inferred"
-                                                                      and not config.uses_critic):
+        if config.groups in ("difficulty", "pass_bins") or config.group_sampling or (config.groups == "inferred"
+                                                                                     and not config.uses_critic):
             self.prompt_groups = PromptGroups(config, self.num_groups, hidden_size, self.label_indices, prompt_states,
                                               device)
         self.group_returns_ema: torch.Tensor | None = None
@@ -82,11 +86,9 @@ class GroupState:
     # --- which prompts ----------------------------------------------------------------------------------
     def choose_prompts(self, sampler: EpochSampler, n: int, step: int) -> list[int]:
         """The next batch's ``n`` prompts, as the sampling rule chooses them (from the prompt groups, if any)."""
-        assign = self.prompt_groups.assign if self.prompt_groups is not None else self._no_groups
-        return self.rule.choose(sampler, n, step, assign)
-
-    def _no_groups(self, indices: list[int]) -> torch.Tensor:
-        raise RuntimeError(f"prompt_sampling={self.config.prompt_sampling} reads groups, and this run has none.")
+        if self.prompt_groups is None and self.rule.needs_groups:
+            raise RuntimeError(f"prompt_sampling={self.config.prompt_sampling} reads groups, and this run has none.")
+        return self.rule.choose(sampler, n, step, self.prompt_groups)
 
     def label_indices(self, indices: list[int]) -> torch.Tensor:
         """The data's group label of each sample, as an index into ``label_names``."""
@@ -112,6 +114,8 @@ class GroupState:
         view = GroupView(coef, probs, fixed, metrics=self._domain_metrics(batch))
         if config.groups == "none":
             return view
+        view.advantage_weights, weighting_metrics = self.weighting.weights(probs, self.reduce)
+        view.metrics.update(weighting_metrics)
         view.signal = signal if signal is not None else self._group_signal(batch, coef)
         group_returns = G.soft_group_means(probs, view.signal, self.reduce)
         self.group_returns_ema = group_returns if self.group_returns_ema is None else (
@@ -127,7 +131,8 @@ class GroupState:
         and their metrics; the head, the pass-rate EMAs and the sampling rule learn from this batch."""
         g = self.config.num_generations
         means = per_prompt_means(raw_scores.float(), g)
-        probs, metrics = self.prompt_groups.observe(indices[::g], means, self.reduce)
+        passed = (raw_scores >= EXACT).view(-1, g).any(dim=1)
+        probs, metrics = self.prompt_groups.observe(indices[::g], means, passed, self.reduce)
         observed = (G.group_masses(probs, self.reduce) > 0).cpu()
         metrics.update(self.rule.observe(-G.soft_group_means(probs, means, self.reduce).cpu(), observed))
         return probs.repeat_interleave(g, dim=0), means.repeat_interleave(g), metrics
@@ -144,9 +149,13 @@ class GroupState:
         baseline = torch.tensor([self.gain_baseline[i] for i in batch.indices], device=batch.raw_scores.device)
         return batch.raw_scores - baseline
 
-    def update_dro_weights(self, group_losses: torch.Tensor) -> None:
-        """Group DRO's exponentiated-gradient step on the mean policy loss of each group (M,) over an update."""
-        self.dro_weights = G.update_dro_weights(self.dro_weights, group_losses, self.config.dro_step_size)
+    def learn_from_update(self, policy_losses: torch.Tensor, surrogate_losses: torch.Tensor, shares: torch.Tensor
+                          ) -> dict[str, float]:
+        """After an update, from each group's mean policy loss (M,) (group DRO's step), mean surrogate loss (M,)
+        and share of the batch (M,) (the advantage weighting's scores)."""
+        if self.config.group_objective == "dro" and self.config.dro_step_size > 0:
+            self.dro_weights = G.update_dro_weights(self.dro_weights, policy_losses, self.config.dro_step_size)
+        return self.weighting.observe(surrogate_losses, shares, shares > 0)
 
     # --- metrics ----------------------------------------------------------------------------------------
     def _group_metrics(self, batch: GroupBatch, probs: torch.Tensor, signal: torch.Tensor,
@@ -193,7 +202,7 @@ class GroupState:
         return {"group_returns_ema": self.group_returns_ema, "dro_weights": self.dro_weights,
                 "gain_baseline": gain_baseline,
                 "prompt_groups": self.prompt_groups.state_dict() if self.prompt_groups is not None else None,
-                "sampling_rule": self.rule.state_dict()}
+                "sampling_rule": self.rule.state_dict(), "advantage_weighting": self.weighting.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.group_returns_ema, self.dro_weights = state["group_returns_ema"], state["dro_weights"]
@@ -202,3 +211,4 @@ class GroupState:
             self.prompt_groups.load_state_dict(state["prompt_groups"])
         # Checkpoints written before sampling rules kept the group-weights state with the prompt groups.
         self.rule.load_state_dict(state.get("sampling_rule", state["prompt_groups"] or {}))
+        self.weighting.load_state_dict(state.get("advantage_weighting", {}))

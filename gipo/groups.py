@@ -210,3 +210,42 @@ def select_by_group_weights(candidate_groups: list[int], weights: torch.Tensor, 
             next(g for g in range(len(weights)) if by_group.get(g))
         chosen.append(by_group[group].pop(0))
     return chosen
+
+
+# --- Prompt-GDRO as published (Panaganti et al., 2026): pass-rate bins with hysteresis, weights on advantages --
+
+def bins_with_hysteresis(pass_rates: torch.Tensor, current: torch.Tensor, num_bins: int,
+                         hysteresis: float) -> torch.Tensor:
+    """Each prompt's pass-rate bin (P,) long, among ``num_bins`` equal-width bins over [0, 1], bin 0 the hardest.
+    A prompt already in a bin (``current`` >= 0; -1 for none yet) moves only once its rate is past the edge it
+    crosses by ``hysteresis``: up when rate >= upper edge + delta, down when rate <= lower edge - delta, so a
+    rate wavering at an edge does not flip its bin every visit."""
+    plain = difficulty_bins(pass_rates, num_bins)
+    lower = current.clamp(min=0).float() / num_bins
+    upper = (current.clamp(min=0).float() + 1) / num_bins
+    moves = (pass_rates >= upper + hysteresis) | (pass_rates <= lower - hysteresis)
+    return torch.where((current < 0) | moves, plain, current)
+
+
+def gdro_bin_weights(scores: torch.Tensor, present: torch.Tensor, eta: float, gamma: float) -> torch.Tensor:
+    """Prompt-GDRO's bin weights over the bins ``present`` in the batch (M,) bool: w_b = exp(eta s_b),
+    normalized over the present bins and mixed with the uniform over them, q_b = (1 - gamma) w_b / sum w +
+    gamma / |present|; an absent bin gets 0. (M,)"""
+    shifted = torch.where(present, eta * scores, torch.full_like(scores, -math.inf))
+    w = torch.softmax(shifted - shifted.max(), dim=0)  # exp(eta s) / sum exp(eta s), overflow-safe
+    return torch.where(present, (1 - gamma) * w + gamma / present.sum(), torch.zeros_like(w))
+
+
+def gdro_sample_weights(bin_weights: torch.Tensor, bins: torch.Tensor, cap: float,
+                        reduce: Reduce = local_sum) -> torch.Tensor:
+    """Each sample's advantage multiplier (B,): its bin's weight, rescaled so that the batch's mean weight is 1,
+    then capped at ``cap`` (the cap after the rescale, as the authors' code applies it). ``bins`` (B,) long."""
+    raw = bin_weights[bins]
+    count = reduce(raw.new_tensor(float(raw.numel())))
+    return (raw * count / reduce(raw.sum())).clamp(max=cap)
+
+
+def learnability(pass_rates: torch.Tensor) -> torch.Tensor:
+    """p (1 - p): the variance of a prompt's 0/1 success at pass rate p (Foster et al., 2025), largest at p = 1/2."""
+    p = pass_rates.clamp(0, 1)
+    return p * (1 - p)

@@ -61,13 +61,13 @@ class PPOTrainer(BaseTrainer):
 
     def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reference=None, reward_model=None,
                  reward_tokenizer=None, critic: ValueHeads | None = None, prompts: list[dict] | None = None,
-                 output_dir: str | Path = "runs/ppo", *, overwrite: bool = False, prompts_per_group: int = 2000,
+                 output_dir: str | Path = "runs/ppo", *, overwrite: bool = False,
                  reward_functions: list[RewardFunction] | None = None):
         super().__init__(config, output_dir, overwrite=overwrite)
         self.tokenizer = tokenizer or load_tokenizer(config.policy)
         self.records, encoded, self.task = load_training_prompts(
-            self.tokenizer, config.dataset, prompts, prompts_per_group, config.seed, config.max_prompt_length,
-            config.long_prompts)
+            self.tokenizer, config.dataset, prompts, config.train_prompts_per_group, config.seed,
+            config.max_prompt_length, config.long_prompts)
         self.reward = make_reward_source(RewardContext(
             config.reward, config.reward_weights, config.dataset, self.task, self.tokenizer, self.device,
             config.reward_model, reward_model, reward_tokenizer, reward_functions or []))
@@ -171,13 +171,15 @@ class PPOTrainer(BaseTrainer):
             return {"policy/skipped_updates": 1.0}  # every sample dropped: nothing to learn from this batch
         sums: dict[str, float] = {}
         count = 0
+        # Per group over the whole update: mass, surrogate loss, ratio drift and KL of its samples (summed).
+        group_totals = torch.zeros(4, self.groups.num_groups, device=self.device)
         for _ in range(config.ppo_epochs):
             order = torch.randperm(len(experience))
             for start in range(0, len(experience), self.local_mini_batch_size):
                 minibatch = order[start:start + self.local_mini_batch_size].tolist()
                 for micro in self.micro_batches(minibatch):
                     stats = self._micro_step(experience, torch.tensor(micro, device=self.device),
-                                             len(micro) / len(minibatch))
+                                             len(micro) / len(minibatch), group_totals)
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0.0) + value
                     count += 1
@@ -189,13 +191,26 @@ class PPOTrainer(BaseTrainer):
                 for key, value in grad_norms.items():
                     sums[key] = sums.get(key, 0.0) + value
         steps = config.ppo_epochs * (len(experience) // self.local_mini_batch_size)
-        if config.group_objective == "dro" and config.dro_step_size > 0:
-            self.groups.update_dro_weights(torch.tensor([sums[f"groups/policy_loss/{g}"] / count
-                                                         for g in range(self.groups.num_groups)]))
-        return {key: value / (steps if key.endswith("grad_norm") else count) for key, value in sums.items()}
+        metrics = {key: value / (steps if key.endswith("grad_norm") else count) for key, value in sums.items()}
+        if "groups/policy_loss/0" in metrics:  # the update had groups
+            metrics.update(self._learn_groups(metrics, group_totals))
+        return metrics
 
-    def _micro_step(self, experience: Experience, index: torch.Tensor, weight: float) -> dict[str, float]:
-        """Backward of the critic loss (with a critic) and the policy loss on one micro-batch; returns its stats."""
+    def _learn_groups(self, metrics: dict[str, float], group_totals: torch.Tensor) -> dict[str, float]:
+        """The group state learns from the update (group DRO's weights, the advantage weighting's scores); the
+        per-group surrogate loss, ratio drift and KL show what a loss-based group score tracks."""
+        mass, surrogate, drift, kl = group_totals.cpu()
+        means = {name: total / mass.clamp(min=1e-8) for name, total in
+                 (("surrogate_loss", surrogate), ("ratio_drift", drift), ("loss_kl", kl))}
+        out = {f"groups/{name}/{g}": float(v) for name, values in means.items() for g, v in enumerate(values)}
+        policy_losses = torch.tensor([metrics[f"groups/policy_loss/{g}"] for g in range(self.groups.num_groups)])
+        out.update(self.groups.learn_from_update(policy_losses, means["surrogate_loss"], mass / mass.sum()))
+        return out
+
+    def _micro_step(self, experience: Experience, index: torch.Tensor, weight: float,
+                    group_totals: torch.Tensor) -> dict[str, float]:
+        """Backward of the critic loss (with a critic) and the policy loss on one micro-batch; returns its stats
+        and adds its samples' group statistics to ``group_totals``."""
         config = self.config
         rollout = experience.rollout.select(index)
         mask = rollout.response_mask
@@ -216,9 +231,13 @@ class PPOTrainer(BaseTrainer):
 
         # Policy step: clipped surrogate (plus the KL where it is in the loss) aggregated over tokens per sample,
         # then combined across groups (held fixed).
-        policy_tokens, policy_stats = clipped_policy_loss(logprobs, experience.old_logprobs[index],
-                                                          experience.advantages[index], config.clip_range,
-                                                          config.clip_range_high)
+        surrogate_tokens, policy_stats = clipped_policy_loss(logprobs, experience.old_logprobs[index],
+                                                             experience.advantages[index], config.clip_range,
+                                                             config.clip_range_high)
+        policy_tokens = surrogate_tokens
+        if experience.advantage_weights is not None:  # the surrogate of the weighted advantage (see the rules)
+            policy_tokens = policy_tokens * experience.advantage_weights[index].unsqueeze(-1)
+        kl_tokens = None
         if experience.ref_logprobs is not None:
             kl_tokens = kl_per_token(logprobs, experience.ref_logprobs[index], "k3")
             policy_tokens = policy_tokens + experience.loss_kl_coef[index].unsqueeze(-1) * kl_tokens
@@ -234,6 +253,10 @@ class PPOTrainer(BaseTrainer):
                 dro_weights=self.groups.dro_weights.to(self.device) if config.dro_step_size > 0 else None,
                 reduce=self.reduce)
             stats.update({f"groups/policy_loss/{g}": v.item() for g, v in enumerate(group_losses)})
+            per_sample = [masked_mean(t.detach(), mask, dim=1) for t in (
+                surrogate_tokens, (policy_stats["ratio"] - 1).abs(),
+                kl_tokens if kl_tokens is not None else torch.zeros_like(surrogate_tokens))]
+            group_totals += self.reduce(torch.stack([assignment.sum(0), *(assignment.T @ v for v in per_sample)]))
             stats["groups/policy_loss_var"] = G.group_variance(
                 group_losses, G.group_masses(assignment, self.reduce), config.group_var).item()
         entropy_mean = masked_mean(entropy, mask, reduce=self.reduce)

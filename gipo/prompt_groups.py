@@ -7,7 +7,9 @@ pass rate under a verifiable 0/1 reward, its mean gold under the built-in suites
 - ``inferred``: the paper's group inference with that per-prompt mean in place of the critic's return. A linear
   head reads the policy's hidden state at the prompt's last token (detached: the head never trains the policy)
   and is trained to maximize the mass-weighted between-group variance of the per-prompt means;
-- ``difficulty``: Prompt-GDRO's bins (Panaganti et al., 2026) of an EMA of each prompt's mean reward;
+- ``difficulty``: equal-width bins of an EMA of each prompt's mean reward;
+- ``pass_bins``: Prompt-GDRO's bins (Panaganti et al., 2026) of each prompt's windowed any-of-k pass rate, with
+  hysteresis;
 - ``oracle``: the data's labels.
 Which prompts fill the next batch is the sampling rule's choice (``gipo.sampling``), made from these groups.
 """
@@ -69,6 +71,38 @@ class DifficultyTracker:
             self.rates[index] = mean if old is None else self.decay * old + (1 - self.decay) * mean
 
 
+class PassRateBins:
+    """Prompt-GDRO's bins: a prompt's any-of-k pass rate over its last ``window`` visits (a visit passes when any
+    of its samples does), binned with hysteresis (``G.bins_with_hysteresis``). The window counts the prompt's own
+    visits, not iterations. A prompt not seen yet has rate 0, bin 0, as in the authors' code: until prompts come
+    round again every prompt sits in the hardest bin."""
+
+    def __init__(self, num_bins: int, window: int, hysteresis: float):
+        self.num_bins, self.window, self.hysteresis = num_bins, window, hysteresis
+        self.history: dict[int, list[int]] = {}
+        self.bins: dict[int, int] = {}
+
+    def assign(self, indices: list[int]) -> torch.Tensor:
+        return torch.tensor([self.bins.get(i, 0) for i in indices], dtype=torch.long)
+
+    def update(self, indices: list[int], passed: list[bool]) -> None:
+        for index, flag in zip(indices, passed, strict=True):
+            visits = self.history.setdefault(index, [])
+            visits.append(int(flag))
+            del visits[:-self.window]
+        rates = torch.tensor([sum(self.history[i]) / len(self.history[i]) for i in indices])
+        current = torch.tensor([self.bins.get(i, -1) for i in indices], dtype=torch.long)
+        moved = G.bins_with_hysteresis(rates, current, self.num_bins, self.hysteresis)
+        self.bins.update(zip(indices, moved.tolist(), strict=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {i: list(v) for i, v in self.history.items()}, "bins": dict(self.bins)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = {i: list(v) for i, v in state["history"].items()}
+        self.bins = dict(state["bins"])
+
+
 class PromptGroups:
     """Groups of whole prompts. ``labels(indices)`` gives the data's group index of prompts; ``states(indices)``
     the policy's hidden states at their last tokens (for the inferred head)."""
@@ -85,6 +119,11 @@ class PromptGroups:
             nn.init.zeros_(self.head.bias)
             self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=config.group_head_learning_rate)
         self.difficulty = DifficultyTracker(config.difficulty_ema)
+        self.pass_bins = PassRateBins(num_groups, config.pass_window, config.pass_hysteresis)
+
+    def pass_rates(self, indices: list[int]) -> torch.Tensor:
+        """Each prompt's mean-reward EMA (its pass rate under a 0/1 reward); the mean of those seen if unseen."""
+        return self.difficulty.pass_rates(indices)
 
     def assign(self, indices: list[int], states: torch.Tensor | None = None) -> torch.Tensor:
         """Each prompt's group assignment (P, M): the head's soft one, a one-hot bin or label."""
@@ -94,37 +133,43 @@ class PromptGroups:
                 return F.softmax(self.head(states.float()), dim=-1)
         if self.config.groups == "difficulty":
             groups = G.difficulty_bins(self.difficulty.pass_rates(indices), self.num_groups)
+        elif self.config.groups == "pass_bins":
+            groups = self.pass_bins.assign(indices)
         else:
             groups = self.labels(indices)
         return F.one_hot(groups, self.num_groups).float().to(self.device)
 
     # --- learning from a batch --------------------------------------------------------------------------
-    def observe(self, indices: list[int], means: torch.Tensor,
+    def observe(self, indices: list[int], means: torch.Tensor, passed: torch.Tensor,
                 reduce: dist.Reduce = dist.local_sum) -> tuple[torch.Tensor, dict[str, float]]:
-        """One batch's prompts (this process's) and their mean rewards (P,): returns their assignment (P, M) for
-        the policy's objective and the KL, and moves the head and the pass-rate EMAs."""
+        """One batch's prompts (this process's), their mean rewards (P,) and whether any of each one's samples
+        passed (P,) bool: returns their assignment (P, M) for the policy's objective and the KL, and moves the
+        head, the pass-rate EMAs and the pass-rate bins."""
         metrics: dict[str, float] = {}
         states = None
         if self.head is not None:  # the head learns first, then assigns: as the critic's head does in PPO
             states = self.states(indices)
             metrics["groups/head_r_var"] = train_group_head(self.head, self.head_optimizer, states, means,
                                                             self.config.group_head_steps, reduce)
-        probs = self.assign(indices, states)  # difficulty: the bins the prompts were drawn in
-        if self.config.groups == "difficulty":
-            every = dist.gather_objects((indices, means.tolist()))  # every process keeps every prompt's EMA
-            for part_indices, part_means in every:
-                self.difficulty.update(part_indices, part_means)
+        probs = self.assign(indices, states)  # bins: those the prompts were in when drawn
+        # Every process keeps every prompt's EMA and bin.
+        for part_indices, part_means, part_passed in dist.gather_objects((indices, means.tolist(), passed.tolist())):
+            self.difficulty.update(part_indices, part_means)
+            if self.config.groups == "pass_bins":
+                self.pass_bins.update(part_indices, part_passed)
         return probs, metrics
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"difficulty": dict(self.difficulty.rates)}
+        state: dict[str, Any] = {"difficulty": dict(self.difficulty.rates), "pass_bins": self.pass_bins.state_dict()}
         if self.head is not None:
             state.update(head=self.head.state_dict(), head_optimizer=self.head_optimizer.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.difficulty.rates = dict(state["difficulty"])
+        if "pass_bins" in state:  # checkpoints written before pass-rate bins have none
+            self.pass_bins.load_state_dict(state["pass_bins"])
         if self.head is not None:
             self.head.load_state_dict(state["head"])
             self.head_optimizer.load_state_dict(state["head_optimizer"])

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gipo import checkpoint as ckpt
-from gipo.config import RunConfig, read_yaml, save_config
+from gipo.config import RunConfig, read_yaml, save_config, upgrade_saved_config
 from gipo.errors import ConfigError, RunDirError
 
 LOCK_FILE = ".lock"
@@ -41,7 +41,8 @@ def format_bytes(n: float) -> str:
 
 def differing_keys(saved: dict[str, Any], current: RunConfig, *, missing_differ: bool = False) -> list[str]:
     """Keys that change results and differ between a saved config and ``current`` (a key the saved config lacks
-    counts only with ``missing_differ``)."""
+    counts only with ``missing_differ``). A saved method that has since moved to another name is read as that name."""
+    saved = upgrade_saved_config(saved)
     keys = []
     for f in dataclasses.fields(current):
         if not f.metadata.get("result_affecting", True):

@@ -16,7 +16,7 @@ from gipo.errors import NonFiniteError
 from tests.conftest import QUIET
 
 REWARDS = Path(__file__).with_name("rewards.py")
-TINY = {**QUIET, "max_steps": 2, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6,
+TINY = {**QUIET, "train_prompts_per_group": 8, "max_steps": 2, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6,
         "eval_every": 0, "checkpoint_every": 1, "num_generations": 4}
 
 
@@ -27,7 +27,7 @@ def _function(name: str) -> str:
 def _trainer(tiny_pipeline, run_dir: Path, **settings) -> PPOTrainer:
     config = build_config(PPOConfig, {**TINY, "method": "grpo", "reward": "gold",
                                       "policy": str(tiny_pipeline["sft"] / "final"), **settings})
-    return PPOTrainer(config, output_dir=run_dir, prompts_per_group=8)
+    return PPOTrainer(config, output_dir=run_dir)
 
 
 def _rows(run_dir: Path) -> list[dict]:

@@ -95,7 +95,7 @@ RANKED = {"reward": "gold", "num_generations": 4, "reuse_generation_logprobs": F
                                                ("gipo", {"lora_r": 4, "gradient_checkpointing": True}),
                                                ("ppo", {"fsdp": True}), ("gipo", {"fsdp": True}),
                                                ("grpo", RANKED), ("rloo", RANKED), ("grpo_gipo", RANKED),
-                                               ("grpo_prompt_gdro", RANKED)])
+                                               ("grpo_gdro_sampling", RANKED), ("grpo_prompt_gdro", RANKED)])
 def test_two_processes_match_one_process_with_the_global_batch(tiny_pipeline, tmp_path, method, extra):
     extra = dict(extra)
     entry = ENTRIES[extra.pop("_entry", "gipo")]

@@ -15,10 +15,10 @@ from tests.conftest import QUIET
 
 def _trainer(tiny_pipeline, run_dir, on_nonfinite):
     config = build_config(PPOConfig, {
-        **QUIET, "max_steps": 3, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6,
+        **QUIET, "train_prompts_per_group": 8, "max_steps": 3, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6,
         "checkpoint_every": 1, "method": "gipo", "on_nonfinite": on_nonfinite,
         "policy": str(tiny_pipeline["sft"] / "final"), "reward_model": str(tiny_pipeline["rm"] / "final")})
-    trainer = PPOTrainer(config, output_dir=run_dir, prompts_per_group=8)
+    trainer = PPOTrainer(config, output_dir=run_dir)
     score = trainer.reward.scorer.__call__
 
     def poisoned(rollout, prompts=None):  # the reward model returns NaN on iteration 2 only

@@ -16,7 +16,7 @@ from gipo.data import DataError
 from gipo.evaluation import evaluate_run
 from tests.conftest import QUIET
 
-TINY_PPO = {**QUIET, "max_steps": 2, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2, "max_new_tokens": 6,
+TINY_PPO = {**QUIET, "train_prompts_per_group": 8, "max_steps": 2, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2, "max_new_tokens": 6,
             "eval_prompts": 4, "checkpoint_every": 1}
 
 
@@ -47,7 +47,7 @@ def test_sft_and_reward_run_directories(tiny_pipeline):
 def test_every_method_trains_and_logs(tiny_pipeline, tmp_path, method):
     config = build_config(PPOConfig, {**TINY_PPO, "method": method, "policy": str(tiny_pipeline["sft"] / "final"),
                                       "reward_model": str(tiny_pipeline["rm"] / "final")})
-    trainer = PPOTrainer(config, output_dir=tmp_path / method, prompts_per_group=8)
+    trainer = PPOTrainer(config, output_dir=tmp_path / method)
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     trainer.train()
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True))
@@ -77,7 +77,7 @@ def test_every_method_trains_and_logs(tiny_pipeline, tmp_path, method):
 def test_eval_json_shape(tiny_pipeline, tmp_path):
     config = build_config(PPOConfig, {**TINY_PPO, "max_steps": 1, "policy": str(tiny_pipeline["sft"] / "final"),
                                       "reward_model": str(tiny_pipeline["rm"] / "final")})
-    PPOTrainer(config, output_dir=tmp_path / "ppo", prompts_per_group=8).train()
+    PPOTrainer(config, output_dir=tmp_path / "ppo").train()
     report = evaluate_run(tmp_path / "ppo", EvalConfig(eval_prompts=3, max_new_tokens=6, device="cpu"))
     assert json.loads((tmp_path / "ppo" / "eval.json").read_text()) == report
     assert set(report) == {"groups", "worst_group", "ood"}
@@ -136,7 +136,7 @@ def test_lora_trains_adapters_and_uses_the_adapter_free_model_as_reference(tiny_
     config = build_config(PPOConfig, {**TINY_PPO, "lora_r": 4, "lora_target_modules": "q_proj,v_proj,o_proj",
                                       "learning_rate": 1e-2, "policy": str(sft_dir),
                                       "reward_model": str(tiny_pipeline["rm"] / "final")})
-    trainer = PPOTrainer(config, output_dir=tmp_path / "lora", prompts_per_group=8)
+    trainer = PPOTrainer(config, output_dir=tmp_path / "lora")
     trainable = [n for n, p in trainer.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     ids = torch.tensor([[5, 20, 21, 22]])
@@ -154,7 +154,7 @@ def test_lora_trains_adapters_and_uses_the_adapter_free_model_as_reference(tiny_
 def test_a_critic_copied_from_the_frozen_reward_model_is_trained_in_full(tiny_pipeline, tmp_path):
     config = build_config(PPOConfig, {**TINY_PPO, "policy": str(tiny_pipeline["sft"] / "final"),
                                       "reward_model": str(tiny_pipeline["rm"] / "final")})
-    trainer = PPOTrainer(config, output_dir=tmp_path / "run", prompts_per_group=8)
+    trainer = PPOTrainer(config, output_dir=tmp_path / "run")
     assert trainer.scorer.same_tokenizer
     before = {name: p.detach().clone() for name, p in trainer.critic.backbone.named_parameters()}
     trainer.training_step()
@@ -177,7 +177,7 @@ def test_with_lora_a_critic_copied_from_the_policy_is_trained_in_full(tiny_pipel
     reward_tokenizer.add_tokens(["<other-vocabulary>"])
     config = build_config(PPOConfig, {**TINY_PPO, "lora_r": 4, "policy": str(tiny_pipeline["sft"] / "final"),
                                       "reward_model": str(rm_dir)})
-    trainer = PPOTrainer(config, reward_tokenizer=reward_tokenizer, output_dir=tmp_path / "run", prompts_per_group=8)
+    trainer = PPOTrainer(config, reward_tokenizer=reward_tokenizer, output_dir=tmp_path / "run")
     assert not trainer.scorer.same_tokenizer
     critic_names = [n for n, _ in trainer.critic.named_parameters()]
     assert not any("lora_" in n for n in critic_names)
@@ -195,9 +195,9 @@ def test_a_registered_task_trains_and_evaluates_by_name(tiny_pipeline, tmp_path)
     register_task(Task(name="echo", groups=["short", "long"], make_split=make_split,
                        gold_reward=lambda record, response: float(response == record["answer"])))
     assert get_task("echo") is not None
-    config = build_config(PPOConfig, {**TINY_PPO, "dataset": "echo", "policy": str(tiny_pipeline["sft"] / "final"),
+    config = build_config(PPOConfig, {**TINY_PPO, "dataset": "echo", "train_prompts_per_group": 4, "policy": str(tiny_pipeline["sft"] / "final"),
                                       "reward_model": str(tiny_pipeline["rm"] / "final")})
-    trainer = PPOTrainer(config, output_dir=tmp_path / "echo", prompts_per_group=4).train()
+    trainer = PPOTrainer(config, output_dir=tmp_path / "echo").train()
     assert {"domain/gold/short", "domain/gold/long"} <= set(_metrics(tmp_path / "echo")[-1])
     report = trainer.evaluate(n_per_group=2)
     assert set(report["groups"]) == {"short", "long"} and report["ood"] == {}
@@ -266,7 +266,7 @@ def test_ood_dataset_groups_are_evaluated_as_ood_splits_without_gold(tiny_pipeli
     rows, far_gold = ood["far"]
     assert len(rows) == 5 and far_gold is None and all(in_test_split(r["prompt"]) for r in rows)
     config = PPOConfig(**{**TINY_PPO, "eval_prompts": 5}, ood_dataset=str(path))
-    report = PPOTrainer(config, output_dir=tmp_path / "run", prompts_per_group=8,
+    report = PPOTrainer(config, output_dir=tmp_path / "run",
                         **_models_in_hand(tiny_pipeline)).evaluate()
     assert report["ood"]["far"]["n"] == 5 and report["ood"]["far"]["gold"] is None
     assert report["ood"]["far"]["reward"] is not None and report["ood"]["long"]["gold"] is not None
@@ -276,7 +276,7 @@ def test_gipo_eval_with_a_judge_scores_every_response_with_it(tiny_pipeline, tmp
     run = tmp_path / "run"
     PPOTrainer(build_config(PPOConfig, {**TINY_PPO, "max_steps": 1, "policy": str(tiny_pipeline["sft"] / "final"),
                                         "reward_model": str(tiny_pipeline["rm"] / "final")}),
-               output_dir=run, prompts_per_group=8).train()
+               output_dir=run).train()
     # The judge here is the SFT model's backbone with a fresh score head: any other reward model would do.
     report = evaluate_run(run, EvalConfig(eval_prompts=3, device="cpu", judge=str(tiny_pipeline["sft"] / "final")))
     rows = [json.loads(line) for line in (run / "eval_rows.jsonl").read_text().splitlines()]

@@ -105,7 +105,7 @@ def test_unseen_prompts_share_the_prior_bin_while_an_inferred_head_places_them()
         return PromptGroups(config, 2, 8, labels=lambda _: domains, states=lambda indices: states[indices],
                             device=torch.device("cpu"))
 
-    difficulty = make("grpo_prompt_gdro")
+    difficulty = make("grpo_gdro_sampling")
     difficulty.difficulty.update([0, 1], [0.1, 0.9])  # one hard and one easy prompt seen: prior 0.5, bin 1
     assert difficulty.assign([0, 1]).argmax(-1).tolist() == [0, 1]
     assert difficulty.assign(list(range(2, 16))).argmax(-1).tolist() == [1] * 14

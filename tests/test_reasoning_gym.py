@@ -154,11 +154,11 @@ def test_pass_at_k_on_hand_computed_cases():
 
 def test_two_grpo_iterations_on_two_tasks_log_per_task_metrics(tiny_pipeline, tmp_path):
     config = build_config(PPOConfig, {
-        **QUIET, "method": "grpo", "reward": "gold,answer_format", "reward_weights": [1.0, 0.1], "dataset": SPEC,
+        **QUIET, "train_prompts_per_group": 8, "method": "grpo", "reward": "gold,answer_format", "reward_weights": [1.0, 0.1], "dataset": SPEC,
         "policy": str(tiny_pipeline["sft"] / "final"), "max_steps": 2, "batch_size": 8, "mini_batch_size": 8,
         "ppo_epochs": 1, "num_generations": 4, "max_new_tokens": 4, "max_prompt_length": 128, "eval_every": 2,
         "eval_prompts": 2, "eval_samples": 2, "eval_greedy": True, "eval_train_prompts": 1, "checkpoint_every": 1})
-    PPOTrainer(config, output_dir=tmp_path / "run", prompts_per_group=8).train()
+    PPOTrainer(config, output_dir=tmp_path / "run").train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     last = rows[-1]

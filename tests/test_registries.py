@@ -19,7 +19,7 @@ from gipo.sampling import SAMPLING_RULES, Uniform
 from tests.conftest import QUIET
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
-TINY = {**QUIET, "max_steps": 2, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6,
+TINY = {**QUIET, "train_prompts_per_group": 8, "max_steps": 2, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 6,
         "eval_every": 0, "checkpoint_every": 1}
 
 
@@ -72,7 +72,7 @@ def test_a_registered_estimator_reward_and_rule_are_found_by_name(tiny_pipeline,
                                       "reward": "test_length", "prompt_sampling": "test_counting",
                                       "policy": str(tiny_pipeline["sft"] / "final"), "kl_coef": 0.0})
     assert config.num_generations == 2 and not config.uses_critic
-    PPOTrainer(config, output_dir=tmp_path / "run", prompts_per_group=8).train()
+    PPOTrainer(config, output_dir=tmp_path / "run").train()
     assert calls == {"estimator": 2, "reward": 2, "rule": 2}
     assert "test_constant" in ESTIMATORS.describe()
     with pytest.raises(ValueError, match="registered already"):

@@ -22,10 +22,10 @@ def _rows(run_dir):
 
 def _ppo(tiny_pipeline, run_dir, max_steps, method="gipo", **extra):
     config = build_config(PPOConfig, {
-        **QUIET, "max_steps": max_steps, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2,
+        **QUIET, "train_prompts_per_group": 8, "max_steps": max_steps, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2,
         "max_new_tokens": 6, "checkpoint_every": 2, "keep_last": 5, "method": method, "adaptive_kl": True,
         "policy": str(tiny_pipeline["sft"] / "final"), "reward_model": str(tiny_pipeline["rm"] / "final"), **extra})
-    return PPOTrainer(config, output_dir=run_dir, prompts_per_group=8)
+    return PPOTrainer(config, output_dir=run_dir)
 
 
 CRITIC_FREE = {"reward": "gold", "num_generations": 4, "adaptive_kl": False}
@@ -35,7 +35,7 @@ CRITIC_FREE = {"reward": "gold", "num_generations": 4, "adaptive_kl": False}
     ("ppo", {}), ("gipo_gain", {}), ("gipo", {"lora_r": 4}), ("gipo", {"shared_critic": True}),
     ("grpo", {**CRITIC_FREE, "filter_zero_std": True}), ("rloo", CRITIC_FREE),
     ("grpo_gipo", CRITIC_FREE), ("grpo_prompt_gdro", CRITIC_FREE),
-    ("grpo_gipo_sampling", CRITIC_FREE),
+    ("grpo_gipo_sampling", CRITIC_FREE), ("grpo_gdro_sampling", CRITIC_FREE), ("grpo_learnability", CRITIC_FREE),
     ("custom", {**CRITIC_FREE, "estimator": "grpo", "groups": "oracle", "group_objective": "dro",
                 "dro_step_size": 0.1, "group_kl": True})])
 def test_ppo_resume_equals_uninterrupted(tiny_pipeline, tmp_path, method, extra):
@@ -57,6 +57,9 @@ def test_ppo_resume_equals_uninterrupted(tiny_pipeline, tmp_path, method, extra)
             if key in rule_first:
                 torch.testing.assert_close(rule_first[key], rule_second[key])
         assert first["difficulty"] == pytest.approx(second["difficulty"])
+        assert first["pass_bins"] == second["pass_bins"]
+        for key, value in straight.groups.weighting.state_dict().items():  # Prompt-GDRO's bin scores
+            torch.testing.assert_close(value, resumed.groups.weighting.state_dict()[key])
         if "head" in first:
             torch.testing.assert_close(first["head"], second["head"])
     assert straight.kl_ctl.value == pytest.approx(resumed.kl_ctl.value)

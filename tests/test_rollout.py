@@ -186,11 +186,12 @@ def test_ppo_reuses_sampling_logprobs_as_the_old_policys(tiny_pipeline, tmp_path
     from gipo.ppo import PPOTrainer
 
     config = build_config(PPOConfig, {
-        "progress": False, "device": "cpu", "max_steps": 1, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1,
+        "progress": False, "device": "cpu", "train_prompts_per_group": 8, "max_steps": 1, "batch_size": 8,
+        "mini_batch_size": 4, "ppo_epochs": 1,
         "max_new_tokens": 6, "eval_every": 0, "policy": str(tiny_pipeline["sft"] / "final"),
         "reward_model": str(tiny_pipeline["rm"] / "final"), "generation_backend": "fast",
         "reuse_generation_logprobs": True, "fused_optimizer": True})
-    trainer = PPOTrainer(config, output_dir=tmp_path / "run", prompts_per_group=8)
+    trainer = PPOTrainer(config, output_dir=tmp_path / "run")
     assert trainer.collector.reuse_logprobs
     experience, _ = trainer.collector.collect(list(range(8)), 1, trainer.kl_ctl.value)
     rollout = experience.rollout
@@ -199,7 +200,7 @@ def test_ppo_reuses_sampling_logprobs_as_the_old_policys(tiny_pipeline, tmp_path
     torch.testing.assert_close(experience.old_logprobs, fresh * rollout.response_mask, atol=1e-5, rtol=0)
     trainer.train()  # and the fused optimizer steps
     plain = build_config(PPOConfig, {**config.__dict__, "generation_backend": "hf"})
-    assert not PPOTrainer(plain, output_dir=tmp_path / "plain", prompts_per_group=8).collector.reuse_logprobs
+    assert not PPOTrainer(plain, output_dir=tmp_path / "plain").collector.reuse_logprobs
 
 
 def test_one_decoder_pass_gives_the_policys_logprobs_and_the_heads_values(model):
@@ -282,11 +283,11 @@ def test_ppo_with_a_shared_critic_reads_old_values_from_sampling(tiny_pipeline, 
 
     def experience(reuse: bool):
         config = build_config(PPOConfig, {
-            "progress": False, "device": "cpu", "max_steps": 1, "batch_size": 8, "mini_batch_size": 4,
-            "max_new_tokens": 6, "eval_every": 0, "policy": str(tiny_pipeline["sft"] / "final"), "method": "gipo",
+            "progress": False, "device": "cpu", "train_prompts_per_group": 8, "max_steps": 1, "batch_size": 8,
+            "mini_batch_size": 4, "max_new_tokens": 6, "eval_every": 0, "policy": str(tiny_pipeline["sft"] / "final"), "method": "gipo",
             "reward_model": str(tiny_pipeline["rm"] / "final"), "generation_backend": "fast",
             "shared_critic": True, "reuse_generation_logprobs": reuse})
-        trainer = PPOTrainer(config, output_dir=tmp_path / f"run-{reuse}", prompts_per_group=8)
+        trainer = PPOTrainer(config, output_dir=tmp_path / f"run-{reuse}")
         assert trainer.collector.reuse_logprobs == reuse
         torch.manual_seed(5)
         return trainer.collector.collect(list(range(8)), 1, trainer.kl_ctl.value)
