@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     # without GPUs it then prints a warning to stdout unless told the device. Telling it keeps stdout clean.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from gipo.advantage_weighting import register_advantage_weighting
 from gipo.answers import register_extractor
 from gipo.config import EvalConfig, PPOConfig, RewardConfig, SFTConfig, build_config, load_config
 from gipo.estimators import register_estimator
@@ -33,6 +34,6 @@ from gipo.tasks import Task, register_task, register_task_family
 __all__ = [
     "Critic", "EvalConfig", "PPOConfig", "PPOTrainer", "ReasoningGymTask", "RewardConfig", "RewardTrainer", "SFTConfig",
     "SFTTrainer", "Task", "build_config", "build_embedded_model", "build_embedded_tokenizer", "load_config",
-    "register_estimator", "register_extractor", "register_reward", "register_sampling_rule", "register_task",
+    "register_advantage_weighting", "register_estimator", "register_extractor", "register_reward", "register_sampling_rule", "register_task",
     "register_task_family",
 ]
