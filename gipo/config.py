@@ -23,6 +23,7 @@ from gipo.errors import ConfigError
 from gipo.estimators import ESTIMATORS, get_estimator
 from gipo.registry import Registry
 from gipo.reward_functions import REWARD_SOURCES, STANDALONE, reward_specs
+from gipo.rollout_allocation import ROLLOUT_ALLOCATIONS
 from gipo.sampling import SAMPLING_RULES
 
 
@@ -178,6 +179,15 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
                            "mechanism gipo named grpo_prompt_gdro before it followed the paper)", "estimator": "grpo",
                            "groups": "difficulty", "group_objective": "none", "group_kl": False,
                            "prompt_sampling": "group_weights", "advantage_weighting": "none"},
+    "grpo_rollout_gdro": {"_about": "GRPO with Rollout-GDRO: each pass-rate bin's bandit sets how many samples its "
+                          "prompts get, under the same total", "estimator": "grpo", "groups": "pass_bins",
+                          "group_objective": "none", "group_kl": False, "prompt_sampling": "uniform",
+                          "advantage_weighting": "none", "rollout_allocation": "rollout_gdro"},
+    "grpo_gipo_rollout": {"_about": "GRPO whose inferred groups (no labels) play Rollout-GDRO's bandits: they set "
+                          "how many samples each prompt gets", "estimator": "grpo", "groups": "inferred",
+                          "group_objective": "none", "group_kl": False, "group_var": "mass",
+                          "prompt_sampling": "uniform", "advantage_weighting": "none",
+                          "rollout_allocation": "rollout_gdro"},
     "grpo_learnability": {"_about": "GRPO with learnability sampling: prompts drawn by p(1-p) at their pass rate "
                           "(Foster et al. 2025); mean-reward bins only for the per-bin metrics", "estimator": "grpo",
                           "groups": "difficulty", "group_objective": "none", "group_kl": False,
@@ -396,6 +406,16 @@ class PPOConfig(RunConfig):
     advantage_weighting: str = option("none", "A multiplier on each sample's advantage from its group: a registered "
                                       "rule or python:MODULE:CLASS (docs/extending.md); prompt_gdro needs groups.",
                                       registry=ADVANTAGE_WEIGHTINGS)
+    rollout_allocation: str = option("equal", "How many samples each prompt of a batch gets: a registered rule or "
+                                     "python:MODULE:CLASS (docs/extending.md); rollout_gdro needs groups and one "
+                                     "process. The batch keeps batch_size samples, num_generations per prompt on "
+                                     "average.", registry=ROLLOUT_ALLOCATIONS)
+    rollout_min_generations: int = option(2, "rollout_gdro: the fewest samples a prompt gets (its smallest arm).",
+                                          min=2)
+    rollout_max_generations: int = option(12, "rollout_gdro: the most samples a prompt gets (its largest arm).",
+                                          min=2)
+    rollout_dual_step: float = option(0.05, "rollout_gdro: step of the shadow price mu on the budget, per unit of "
+                                      "relative overspend.", min=0)
     pass_window: int = option(50, "pass_bins: a prompt's pass rate is the share of its last pass_window visits in "
                               "which any of its samples passed (reward >= 1); Prompt-GDRO's H.", min=1)
     pass_hysteresis: float = option(0.03, "pass_bins: a prompt changes bin only once its pass rate is past the "
@@ -488,6 +508,14 @@ class PPOConfig(RunConfig):
             if self.groups == "inferred" and self.group_signal != "return":
                 raise ConfigError(f"PPOConfig: without a critic, inferred groups form from each prompt's mean reward; "
                                   f"group_signal={self.group_signal} is the critic's (estimator=gae).")
+        if self.rollout_allocation != "equal":
+            if self.groups == "none" or self.uses_critic:
+                raise ConfigError(f"PPOConfig: rollout_allocation={self.rollout_allocation} gives each group's prompts "
+                                  "their number of samples: it needs groups and a critic-free estimator.")
+            if not self.rollout_min_generations <= self.num_generations <= self.rollout_max_generations:
+                raise ConfigError(f"PPOConfig: num_generations={self.num_generations} is the mean budget per prompt; "
+                                  f"it must lie within rollout_min_generations={self.rollout_min_generations} and "
+                                  f"rollout_max_generations={self.rollout_max_generations}.")
         if self.advantage_weighting != "none" and self.groups == "none":
             raise ConfigError(f"PPOConfig: advantage_weighting={self.advantage_weighting} weighs samples by their "
                               "group: set groups (pass_bins for Prompt-GDRO).")

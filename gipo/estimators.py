@@ -11,9 +11,10 @@ penalty per token where it is in the reward), ``values`` (B, T) the critic's (No
 the critic's targets (None without a critic). ``register_estimator`` adds one, with what it needs (a critic,
 several samples per prompt) and the defaults it implies for the keys left unset.
 
-Layout: a batch holds ``G = num_generations`` samples of each prompt, one prompt's samples next to each
-other, so ``rewards.view(-1, G)`` has one row per prompt. (These per-prompt sets of samples are what GRPO
-calls a "group"; in gipo a *group* is a set of prompts, so here they are a prompt's *samples*.)
+Layout: a batch holds each prompt's samples next to each other: ``G = num_generations`` of each, or as many as
+``settings.prompt_sizes`` (P,) gives each prompt where a rule sets the generations per prompt (Rollout-GDRO).
+The per-prompt statistics run over those segments. (These per-prompt sets of samples are what GRPO calls a
+"group"; in gipo a *group* is a set of prompts, so here they are a prompt's *samples*.)
 Every process holds whole prompts, so the per-prompt statistics need no communication; batch statistics
 (``scale_rewards="batch"``, REINFORCE++'s whitening) go through ``reduce``.
 """
@@ -35,44 +36,80 @@ from gipo.registry import Registry
 STD_EPS = 1e-4
 
 
-def per_prompt(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
-    """(B,) -> (P, G): one row per prompt; a clear error when B is not a multiple of G."""
-    if num_generations < 1 or rewards.shape[0] % num_generations:
-        raise ValueError(f"{rewards.shape[0]} samples do not split into prompts of {num_generations} samples each")
-    return rewards.view(-1, num_generations)
+PromptSizes = int | torch.Tensor
+"""The samples of each prompt: G for every prompt alike, or (P,) counts."""
 
 
-def grpo_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group",
+def prompt_sizes(num_samples: int, sizes: PromptSizes) -> torch.Tensor:
+    """(P,) samples per prompt; a clear error when they do not add up to the batch."""
+    if isinstance(sizes, int):
+        if sizes < 1 or num_samples % sizes:
+            raise ValueError(f"{num_samples} samples do not split into prompts of {sizes} samples each")
+        return torch.full((num_samples // sizes,), sizes, dtype=torch.long)
+    if int(sizes.sum()) != num_samples or bool((sizes < 1).any()):
+        raise ValueError(f"{num_samples} samples do not split into prompts of {sizes.tolist()} samples")
+    return sizes.long().cpu()
+
+
+def sample_prompts(num_samples: int, sizes: PromptSizes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's prompt (B,) and the samples per prompt (P,)."""
+    counts = prompt_sizes(num_samples, sizes)
+    return torch.repeat_interleave(torch.arange(len(counts)), counts), counts
+
+
+def per_prompt_sum(values: torch.Tensor, sizes: PromptSizes) -> torch.Tensor:
+    """(B,) -> (P,): the sum over each prompt's samples."""
+    which, counts = sample_prompts(values.shape[0], sizes)
+    return torch.zeros(len(counts), dtype=values.dtype, device=values.device).index_add_(0, which.to(values.device),
+                                                                                         values)
+
+
+def per_prompt_mean(values: torch.Tensor, sizes: PromptSizes) -> torch.Tensor:
+    """(B,) -> (P,): the mean of each prompt's samples."""
+    return per_prompt_sum(values, sizes) / prompt_sizes(values.shape[0], sizes).to(values.device, values.dtype)
+
+
+def per_prompt_std(values: torch.Tensor, sizes: PromptSizes) -> torch.Tensor:
+    """(B,) -> (P,): the unbiased std of each prompt's samples (as ``torch.std``); 0 for a prompt with one."""
+    which, counts = sample_prompts(values.shape[0], sizes)
+    which, counts = which.to(values.device), counts.to(values.device, values.dtype)
+    sums = per_prompt_sum((values - per_prompt_mean(values, sizes)[which]) ** 2, sizes)
+    return torch.where(counts > 1, (sums / (counts - 1).clamp(min=1)).sqrt(), torch.zeros_like(sums))
+
+
+def grpo_advantages(rewards: torch.Tensor, sizes: PromptSizes, scale_rewards: str = "group",
                     reduce: Reduce = local_sum) -> torch.Tensor:
     """GRPO (Shao et al., 2024): r_i minus the mean of its prompt's samples, divided by a standard deviation.
 
-    ``scale_rewards``: ``group`` divides by the std of the prompt's samples (unbiased, as ``torch.std``),
-    ``batch`` by the std of all rewards in the batch, ``none`` not at all (Dr. GRPO, Liu et al., 2025).
-    Returns (B,) sequence-level advantages.
+    ``sizes``: the samples of each prompt (``num_generations``, or (P,) counts). ``scale_rewards``: ``group``
+    divides by the std of the prompt's samples (unbiased, as ``torch.std``), ``batch`` by the std of all rewards
+    in the batch, ``none`` not at all (Dr. GRPO, Liu et al., 2025). Returns (B,) sequence-level advantages.
     """
-    rows = per_prompt(rewards, num_generations)
-    centred = rows - rows.mean(dim=1, keepdim=True)
+    which, _ = sample_prompts(rewards.shape[0], sizes)
+    which = which.to(rewards.device)
+    centred = rewards - per_prompt_mean(rewards, sizes)[which]
     if scale_rewards == "none":
-        return centred.reshape(-1)
+        return centred
     if scale_rewards == "group":
-        std = rows.std(dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(rows[:, :1])
+        std = per_prompt_std(rewards, sizes)[which]
     elif scale_rewards == "batch":
         n = reduce(rewards.new_tensor(float(rewards.numel())))
         mean = reduce(rewards.sum()) / n
         std = (reduce(((rewards - mean) ** 2).sum()) / (n - 1).clamp(min=1)).sqrt()
     else:
         raise ValueError(f"Unknown scale_rewards {scale_rewards!r}; allowed: group, batch, none.")
-    return (centred / (std + STD_EPS)).reshape(-1)
+    return centred / (std + STD_EPS)
 
 
-def rloo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+def rloo_advantages(rewards: torch.Tensor, sizes: PromptSizes) -> torch.Tensor:
     """RLOO (Kool et al., 2019; Ahmadian et al., 2024): r_i minus the mean of the prompt's *other* samples,
-    which equals G / (G - 1) * (r_i - mean of all G). Needs G > 1. Returns (B,)."""
-    if num_generations < 2:
+    which equals n / (n - 1) * (r_i - mean of all n), n the prompt's samples. Needs n > 1. Returns (B,)."""
+    which, counts = sample_prompts(rewards.shape[0], sizes)
+    if bool((counts < 2).any()):
         raise ValueError("RLOO needs at least 2 samples per prompt (num_generations > 1)")
-    rows = per_prompt(rewards, num_generations)
-    others = (rows.sum(dim=1, keepdim=True) - rows) / (num_generations - 1)
-    return (rows - others).reshape(-1)
+    which = which.to(rewards.device)
+    n = counts.to(rewards.device, rewards.dtype)[which]
+    return rewards - (per_prompt_sum(rewards, sizes)[which] - rewards) / (n - 1)
 
 
 def reward_to_go(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -93,12 +130,16 @@ def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, gam
     return masked_whiten(reward_to_go(token_rewards, mask, gamma), mask, reduce=reduce)
 
 
-def zero_std_prompts(rewards: torch.Tensor, num_generations: int, tol: float = 1e-6) -> torch.Tensor:
+def zero_std_prompts(rewards: torch.Tensor, sizes: PromptSizes, tol: float = 1e-6) -> torch.Tensor:
     """(B,) bool: the samples of prompts whose samples all got the same reward (their GRPO/RLOO advantage is 0,
     so they teach nothing; DAPO's dynamic sampling drops them)."""
-    rows = per_prompt(rewards, num_generations)
-    same = (rows.max(dim=1).values - rows.min(dim=1).values) <= tol
-    return same.repeat_interleave(num_generations)
+    which, counts = sample_prompts(rewards.shape[0], sizes)
+    which = which.to(rewards.device)
+    high = torch.full((len(counts),), -torch.inf, dtype=rewards.dtype, device=rewards.device)
+    low = torch.full((len(counts),), torch.inf, dtype=rewards.dtype, device=rewards.device)
+    high = high.scatter_reduce(0, which, rewards, "amax")
+    low = low.scatter_reduce(0, which, rewards, "amin")
+    return ((high - low) <= tol)[which]
 
 
 # --- the registry ------------------------------------------------------------------------------------------
@@ -107,6 +148,7 @@ class AdvantageSettings:
     """The config keys an estimator reads."""
 
     num_generations: int = 1
+    prompt_sizes: torch.Tensor | None = None  # (P,) this batch's samples per prompt, where they differ
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
@@ -114,7 +156,13 @@ class AdvantageSettings:
 
     @classmethod
     def from_config(cls, config: Any) -> AdvantageSettings:
-        return cls(config.num_generations, config.gamma, config.lam, config.whiten_advantages, config.scale_rewards)
+        return cls(config.num_generations, None, config.gamma, config.lam, config.whiten_advantages,
+                   config.scale_rewards)
+
+    @property
+    def sizes(self) -> PromptSizes:
+        """The batch's samples per prompt."""
+        return self.num_generations if self.prompt_sizes is None else self.prompt_sizes
 
 
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, AdvantageSettings, Reduce],
@@ -185,13 +233,13 @@ def _per_sequence(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def grpo(token_rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings,
          reduce: Reduce = local_sum) -> tuple[torch.Tensor, None]:
-    advantages = grpo_advantages(token_rewards.sum(-1), settings.num_generations, settings.scale_rewards, reduce)
+    advantages = grpo_advantages(token_rewards.sum(-1), settings.sizes, settings.scale_rewards, reduce)
     return _per_sequence(advantages, mask), None
 
 
 def rloo(token_rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, settings: AdvantageSettings,
          reduce: Reduce = local_sum) -> tuple[torch.Tensor, None]:
-    return _per_sequence(rloo_advantages(token_rewards.sum(-1), settings.num_generations), mask), None
+    return _per_sequence(rloo_advantages(token_rewards.sum(-1), settings.sizes), mask), None
 
 
 def reinforce_pp(token_rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,

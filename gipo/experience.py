@@ -1,7 +1,7 @@
 """One collect step of the RL loop: sample responses to a batch of prompts, score them, shape the rewards with
 the (group-adaptive) KL penalty and compute advantages; the result is an ``Experience`` the update reads.
 
-``ExperienceCollector.collect(indices, step, kl_coef)`` does all of it and hands the scored batch to the run's
+``ExperienceCollector.collect(indices, step, kl_coef, sizes)`` does all of it and hands the scored batch to the run's
 ``GroupState`` once. The math lives in ``gipo.losses`` and ``gipo.estimators``; this module wires it.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -120,9 +120,12 @@ class ExperienceCollector:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def collect(self, indices: list[int], step: int, kl_coef: float) -> tuple[Experience, dict[str, float]]:
-        """Sample, score, shape and estimate for ``indices`` (each prompt ``num_generations`` times, side by side)."""
+    def collect(self, indices: list[int], step: int, kl_coef: float, sizes: torch.Tensor | None = None
+                ) -> tuple[Experience, dict[str, float]]:
+        """Sample, score, shape and estimate for ``indices``: each prompt's samples side by side, ``sizes`` (P,) of
+        them per prompt (None: ``num_generations`` each)."""
         config, models = self.config, self.models
+        sizes = E.prompt_sizes(len(indices), config.num_generations if sizes is None else sizes)
         clock = time.perf_counter()
         rollout = generate(models.policy, *self._query(indices), self.tokenizer.eos_token_id,
                            self.tokenizer.pad_token_id, self.settings, with_logprobs=self.reuse_logprobs,
@@ -151,15 +154,16 @@ class ExperienceCollector:
         if ref_logprobs is not None:
             k1 = kl if config.kl_estimator == "k1" else kl_per_token(logprobs, ref_logprobs, "k1")
             kl_sum = (k1 * mask).sum(-1)
-        view = self.groups.observe(GroupBatch(indices, raw_scores, scores, reward_kl, mask, group_logits, kl_sum,
-                                              self._gold(indices, rollout, raw_scores)), kl_coef)
+        view = self.groups.observe(GroupBatch(indices, sizes, raw_scores, scores, reward_kl, mask, group_logits,
+                                              kl_sum, self._gold(indices, rollout, raw_scores)), kl_coef)
 
         rewards = shape_rewards(scores, reward_kl, mask, view.kl_coef)
-        advantages, returns = self.estimator.fn(rewards, mask, values, self.advantage_settings, self.reduce)
+        advantages, returns = self.estimator.fn(rewards, mask, values,
+                                                replace(self.advantage_settings, prompt_sizes=sizes), self.reduce)
         check_finite(step, **present(shaped_rewards=rewards, advantages=advantages, returns=returns,
                                      advantage_weights=view.advantage_weights))
 
-        keep, sample_metrics = self._kept_samples(raw_scores, rollout)
+        keep, sample_metrics = self._kept_samples(raw_scores, rollout, sizes)
         loss_kl = config.kl_in == "loss" and ref_logprobs is not None
         experience = Experience(rollout, logprobs, values, advantages, returns, view.signal, view.fixed_probs,
                                 ref_logprobs=ref_logprobs if loss_kl else None, keep=keep,
@@ -227,15 +231,16 @@ class ExperienceCollector:
         return raw_scores.new_tensor([self.task.gold_reward(self.records[i], text)
                                       for i, text in zip(indices, texts, strict=True)])
 
-    def _kept_samples(self, raw_scores: torch.Tensor, rollout: Rollout) -> tuple[torch.Tensor | None, dict[str, float]]:
+    def _kept_samples(self, raw_scores: torch.Tensor, rollout: Rollout, sizes: torch.Tensor
+                      ) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Which samples the loss keeps (None: all), and how many prompts teach nothing (all samples alike)."""
         config = self.config
         metrics: dict[str, float] = {}
         keep = torch.ones_like(raw_scores)
         if config.num_generations > 1:
-            zero_std = E.zero_std_prompts(raw_scores, config.num_generations)
+            zero_std = E.zero_std_prompts(raw_scores, sizes)
             metrics["objective/frac_reward_zero_std"] = dist.global_mean(zero_std.float()).item()
-            prompt_std = E.per_prompt(raw_scores, config.num_generations).std(dim=1)
+            prompt_std = E.per_prompt_std(raw_scores, sizes)
             metrics["objective/reward_std"] = dist.global_mean(prompt_std).item()
             if config.filter_zero_std:
                 keep = keep * (~zero_std).float()

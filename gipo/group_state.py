@@ -22,8 +22,10 @@ from gipo import groups as G
 from gipo.advantage_weighting import ADVANTAGE_WEIGHTINGS
 from gipo.config import PPOConfig
 from gipo.data import EpochSampler
+from gipo.estimators import per_prompt_mean
 from gipo.losses import shape_rewards
-from gipo.prompt_groups import PromptGroups, per_prompt_means
+from gipo.prompt_groups import PromptGroups
+from gipo.rollout_allocation import ROLLOUT_ALLOCATIONS
 from gipo.sampling import SAMPLING_RULES
 from gipo.tasks import EXACT
 
@@ -33,6 +35,7 @@ class GroupBatch:
     """One collected batch, as the group state reads it."""
 
     indices: list[int]  # each sample's prompt, a prompt's samples side by side
+    prompt_sizes: torch.Tensor  # (P,) the samples of each prompt
     raw_scores: torch.Tensor  # (B,) the reward as scored
     scores: torch.Tensor  # (B,) after normalization and clipping
     reward_kl: torch.Tensor  # (B, T) the per-token KL that goes into the reward (zeros when it is in the loss)
@@ -74,6 +77,7 @@ class GroupState:
         self.reduce = dist.global_sum
         self.rule = SAMPLING_RULES.get(config.prompt_sampling)(config, self.num_groups)
         self.weighting = ADVANTAGE_WEIGHTINGS.get(config.advantage_weighting)(config, self.num_groups)
+        self.allocation = ROLLOUT_ALLOCATIONS.get(config.rollout_allocation)(config, self.num_groups)
         self.prompt_groups: PromptGroups | None = None
         if config.groups in ("difficulty", "pass_bins") or config.group_sampling or (config.groups == "inferred"
                                                                                      and not config.uses_critic):
@@ -90,6 +94,14 @@ class GroupState:
             raise RuntimeError(f"prompt_sampling={self.config.prompt_sampling} reads groups, and this run has none.")
         return self.rule.choose(sampler, n, step, self.prompt_groups)
 
+    def generations(self, prompts: list[int], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """How many samples each of ``prompts`` gets (P,), as the rollout allocation rule sets them from the
+        prompts' groups (``num_generations`` each without prompt groups), and the rule's metrics."""
+        if not self.allocation.needs_groups:
+            return torch.full((len(prompts),), self.config.num_generations, dtype=torch.long), {}
+        groups = self.prompt_groups.assign(prompts).argmax(-1).cpu()
+        return self.allocation.allocate(groups, len(prompts) * self.config.num_generations, step)
+
     def label_indices(self, indices: list[int]) -> torch.Tensor:
         """The data's group label of each sample, as an index into ``label_names``."""
         return torch.tensor([self.label_names.index(self.records[i]["group"]) for i in indices])
@@ -105,7 +117,8 @@ class GroupState:
         fixed = self.label_probs(batch.indices) if config.groups == "oracle" else None
         signal, prompt_metrics = None, {}
         if self.prompt_groups is not None:
-            fixed, signal, prompt_metrics = self._prompt_group_assignment(batch.indices, batch.raw_scores)
+            fixed, signal, prompt_metrics = self._prompt_group_assignment(batch.indices, batch.prompt_sizes,
+                                                                          batch.raw_scores)
         # The data's labels (oracle), else the critic's group head (None without a critic: no groups then).
         probs = fixed if fixed is not None or batch.group_logits is None else F.softmax(batch.group_logits, dim=-1)
         coef = kl_coef
@@ -125,17 +138,18 @@ class GroupState:
         view.metrics.update(self._group_shares(probs, batch.raw_scores))
         return view
 
-    def _prompt_group_assignment(self, indices: list[int], raw_scores: torch.Tensor
+    def _prompt_group_assignment(self, indices: list[int], sizes: torch.Tensor, raw_scores: torch.Tensor
                                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """The prompt groups' assignment of each sample (B, M), its prompt's mean reward (B,) as the group signal,
         and their metrics; the head, the pass-rate EMAs and the sampling rule learn from this batch."""
-        g = self.config.num_generations
-        means = per_prompt_means(raw_scores.float(), g)
-        passed = (raw_scores >= EXACT).view(-1, g).any(dim=1)
-        probs, metrics = self.prompt_groups.observe(indices[::g], means, passed, self.reduce)
+        means = per_prompt_mean(raw_scores.float(), sizes)
+        passed = per_prompt_mean((raw_scores >= EXACT).float(), sizes) > 0
+        firsts = (torch.cumsum(sizes, 0) - sizes).tolist()
+        probs, metrics = self.prompt_groups.observe([indices[i] for i in firsts], means, passed, self.reduce)
         observed = (G.group_masses(probs, self.reduce) > 0).cpu()
         metrics.update(self.rule.observe(-G.soft_group_means(probs, means, self.reduce).cpu(), observed))
-        return probs.repeat_interleave(g, dim=0), means.repeat_interleave(g), metrics
+        repeats = sizes.to(probs.device)
+        return probs.repeat_interleave(repeats, dim=0), means.repeat_interleave(repeats), metrics
 
     def _group_signal(self, batch: GroupBatch, kl_coef: torch.Tensor | float) -> torch.Tensor:
         signal = self.config.group_signal
@@ -155,7 +169,10 @@ class GroupState:
         and share of the batch (M,) (the advantage weighting's scores)."""
         if self.config.group_objective == "dro" and self.config.dro_step_size > 0:
             self.dro_weights = G.update_dro_weights(self.dro_weights, policy_losses, self.config.dro_step_size)
-        return self.weighting.observe(surrogate_losses, shares, shares > 0)
+        observed = shares > 0
+        scores = surrogate_losses / shares.clamp(min=1e-8) if self.config.gdro_score_by_share else surrogate_losses
+        return {**self.weighting.observe(surrogate_losses, shares, observed),
+                **self.allocation.observe(scores, observed)}
 
     # --- metrics ----------------------------------------------------------------------------------------
     def _group_metrics(self, batch: GroupBatch, probs: torch.Tensor, signal: torch.Tensor,
@@ -202,7 +219,8 @@ class GroupState:
         return {"group_returns_ema": self.group_returns_ema, "dro_weights": self.dro_weights,
                 "gain_baseline": gain_baseline,
                 "prompt_groups": self.prompt_groups.state_dict() if self.prompt_groups is not None else None,
-                "sampling_rule": self.rule.state_dict(), "advantage_weighting": self.weighting.state_dict()}
+                "sampling_rule": self.rule.state_dict(), "advantage_weighting": self.weighting.state_dict(),
+                "rollout_allocation": self.allocation.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.group_returns_ema, self.dro_weights = state["group_returns_ema"], state["dro_weights"]
@@ -212,3 +230,4 @@ class GroupState:
         # Checkpoints written before sampling rules kept the group-weights state with the prompt groups.
         self.rule.load_state_dict(state.get("sampling_rule", state["prompt_groups"] or {}))
         self.weighting.load_state_dict(state.get("advantage_weighting", {}))
+        self.allocation.load_state_dict(state.get("rollout_allocation", {}))

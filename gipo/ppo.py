@@ -110,6 +110,9 @@ class PPOTrainer(BaseTrainer):
                               f"are global (over all processes): the prompts and mini_batch_size must be multiples of "
                               f"the {processes} processes (each process holds every sample of its prompts).")
         self.local_mini_batch_size = config.mini_batch_size // processes
+        if processes > 1 and self.groups.allocation.needs_groups:
+            raise ConfigError(f"rollout_allocation={config.rollout_allocation} runs in one process: under several, "
+                              "each process would need the same number of samples from its own prompts.")
 
     def trained_models(self) -> list[torch.nn.Module]:
         """The policy, and the critic where the estimator has one."""
@@ -151,8 +154,10 @@ class PPOTrainer(BaseTrainer):
         prompts = dist.shard(self.groups.choose_prompts(self.sampler, config.prompts_per_batch, self.step))
         # Each process samples every response of its own prompts, a prompt's samples side by side, so the
         # per-prompt statistics of the critic-free estimators need no communication.
-        indices = [i for i in prompts for _ in range(config.num_generations)]
-        experience, metrics = self.collector.collect(indices, self.step, self.kl_ctl.value)
+        sizes, allocation_metrics = self.groups.generations(prompts, self.step)
+        indices = [i for i, n in zip(prompts, sizes.tolist(), strict=True) for _ in range(n)]
+        experience, metrics = self.collector.collect(indices, self.step, self.kl_ctl.value, sizes)
+        metrics.update(allocation_metrics)
         metrics["time/rollout"] = time.perf_counter() - started
         started = time.perf_counter()
         metrics.update(self.update(experience))

@@ -28,11 +28,6 @@ from gipo import groups as G
 from gipo.config import PPOConfig
 
 
-def per_prompt_means(values: torch.Tensor, num_generations: int) -> torch.Tensor:
-    """(B,) sample values, a prompt's G samples side by side -> (P,) per-prompt means."""
-    return values.view(-1, num_generations).mean(dim=1)
-
-
 def train_group_head(head: nn.Module, optimizer: torch.optim.Optimizer, states: torch.Tensor, signal: torch.Tensor,
                      steps: int, reduce: dist.Reduce = dist.local_sum) -> float:
     """``steps`` gradient steps of the head toward the largest mass-weighted between-group variance of ``signal``

@@ -24,7 +24,8 @@ NUMERICS = ("torch", "transformers", "cpu", "cpu_capability")
 
 KEYS_ADDED_SINCE = ("prompt_sampling", "eval_samples", "eval_greedy", "eval_train_prompts", "train_prompts_per_group",
                     "advantage_weighting", "pass_window", "pass_hysteresis", "gdro_eta", "gdro_ema_beta", "gdro_gamma",
-                    "gdro_weight_cap", "gdro_score_by_share")
+                    "gdro_weight_cap", "gdro_score_by_share", "rollout_allocation", "rollout_min_generations",
+                    "rollout_max_generations", "rollout_dual_step")
 METRICS_ADDED_SINCE = ("groups/surrogate_loss/", "groups/ratio_drift/", "groups/loss_kl/")
 # Each recorded run as today's code names its method (a preset whose mechanism moved keeps it under a new name).
 TODAY = {name: {**extra, "method": RENAMED_METHODS.get(extra["method"], (extra["method"],))[0]}
@@ -41,8 +42,9 @@ def _rows(path: Path) -> list[dict]:
 
 def as_written_before(run_dir: Path, method: str) -> None:
     """Rewrite a run directory as commit 0817b4b wrote it: the method under its name then, none of the config keys
-    added since (``KEYS_ADDED_SINCE``) in config.yaml, no ``sampling_rule`` or ``advantage_weighting`` in the
-    trainer state, no pass-rate bins with the prompt groups, and the group-weights state (weights, loss EMA,
+    added since (``KEYS_ADDED_SINCE``) in config.yaml, no ``sampling_rule``, ``advantage_weighting`` or
+    ``rollout_allocation`` in the trainer state, no pass-rate bins with the prompt groups (and their mean-reward
+    EMAs only with difficulty bins), and the group-weights state (weights, loss EMA,
     groups seen) kept with the prompt groups whatever the sampling (at its start values where the run sampled
     uniformly)."""
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -55,9 +57,12 @@ def as_written_before(run_dir: Path, method: str) -> None:
     trainer_state = state["trainer"]
     rule = trainer_state.pop("sampling_rule")
     trainer_state.pop("advantage_weighting")
+    trainer_state.pop("rollout_allocation")
     groups = trainer_state["prompt_groups"]
     if groups is not None:
         groups.pop("pass_bins")
+        if config["groups"] != "difficulty":  # the mean-reward EMAs were kept for difficulty bins only
+            groups["difficulty"] = {}
         m = len(trainer_state["dro_weights"])
         groups.update(rule or {"weights": torch.full((m,), 1.0 / m), "loss_ema": torch.zeros(m),
                                "seen": torch.zeros(m, dtype=torch.bool)})

@@ -157,3 +157,79 @@ def test_an_advantage_weighting_is_one_registration(tiny_pipeline, tmp_path):
         "policy": str(tiny_pipeline["sft"] / "final")})
     PPOTrainer(config, output_dir=tmp_path / "run").train()
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["test/double"] == 1.0
+
+
+# --- unequal generations per prompt, and Rollout-GDRO ----------------------------------------------------------
+
+def test_estimators_with_unequal_samples_per_prompt_by_hand():
+    from gipo.estimators import grpo_advantages, rloo_advantages, zero_std_prompts
+
+    rewards, sizes = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]), torch.tensor([2, 3])
+    # Prompt 0: mean 1/2, std sqrt(1/2); prompt 1: mean 2/3, std sqrt(1/3) (unbiased).
+    expected = torch.tensor([0.5 / (math.sqrt(0.5) + 1e-4), -0.5 / (math.sqrt(0.5) + 1e-4),
+                             (1 / 3) / (math.sqrt(1 / 3) + 1e-4), (1 / 3) / (math.sqrt(1 / 3) + 1e-4),
+                             (-2 / 3) / (math.sqrt(1 / 3) + 1e-4)])
+    torch.testing.assert_close(grpo_advantages(rewards, sizes, "group"), expected)
+    torch.testing.assert_close(grpo_advantages(rewards, sizes, "none"), torch.tensor([0.5, -0.5, 1 / 3, 1 / 3, -2 / 3]))
+    # RLOO: each reward minus the mean of its prompt's other samples.
+    torch.testing.assert_close(rloo_advantages(rewards, sizes), torch.tensor([1.0, -1.0, 0.5, 0.5, -1.0]))
+    assert zero_std_prompts(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0]), sizes).tolist() == [True, True, False,
+                                                                                          False, False]
+    with pytest.raises(ValueError, match="do not split into prompts"):
+        grpo_advantages(rewards, torch.tensor([2, 2]))
+
+
+def test_exact_budget_choice_by_hand():
+    from gipo.rollout_allocation import exact_budget_choice
+
+    arms = [2, 4, 6]
+    log_probs = torch.tensor([[0.0, -1.0, -5.0], [-5.0, -1.0, 0.0], [0.0, 0.0, 0.0]]).log_softmax(dim=1)
+    # Two prompts in group 0 and two in group 1, 16 samples: (2, 6) is the most likely exact split; group 2 has
+    # no prompt and takes its most likely arm.
+    assert exact_budget_choice(log_probs, [2, 2, 0], arms, 16) == [0, 2, 0]
+    with pytest.raises(ValueError, match="spends exactly 7"):
+        exact_budget_choice(log_probs, [2, 2, 0], arms, 7)
+
+
+def test_rollout_gdro_keeps_the_budget_and_rewards_the_chosen_arm():
+    from gipo.rollout_allocation import RolloutGDRO
+
+    config = SimpleNamespace(rollout_min_generations=2, rollout_max_generations=6, num_generations=4, seed=0,
+                             gdro_eta=0.65, gdro_gamma=0.01, rollout_dual_step=0.05)
+    rule = RolloutGDRO(config, 2)
+    groups = torch.tensor([0, 0, 1, 1, 1])
+    sizes, metrics = rule.allocate(groups, 20, step=1)
+    assert int(sizes.sum()) == 20 and sizes.min() >= 2 and sizes.max() <= 6
+    assert sizes[0] == sizes[1] and sizes[2] == sizes[3] == sizes[4]  # one arm per group
+    probs = rule.probabilities()
+    arm = int(rule.chosen[0])
+    rule.mu = 0.0
+    rule.observe(torch.tensor([0.3, 0.0]), torch.tensor([True, False]))
+    assert rule.scores[0, arm] == pytest.approx(0.3 / float(probs[0, arm]))  # importance-weighted (EXP3)
+    assert rule.scores[1].abs().sum() == 0  # group 1 not in the update
+    assert "rollouts/dual_mu" in metrics and metrics["rollouts/generations/0"] == float(sizes[0])
+
+
+def test_rollout_gdro_trains_with_unequal_samples_per_prompt(tiny_pipeline, tmp_path):
+    config = build_config(PPOConfig, {
+        **QUIET, "method": "grpo_rollout_gdro", "reward": "gold", "num_generations": 4, "batch_size": 16,
+        "mini_batch_size": 8, "ppo_epochs": 1, "max_new_tokens": 6, "max_steps": 6, "eval_every": 0,
+        "train_prompts_per_group": 1, "num_groups": 3, "pass_window": 2, "rollout_max_generations": 8,
+        "policy": str(tiny_pipeline["sft"] / "final")})
+    trainer = PPOTrainer(config, output_dir=tmp_path / "run")
+    # Two prompts in the hardest bin and two in the easiest, whose bandits lean to 2 and to 6 samples.
+    trainer.groups.prompt_groups.pass_bins.bins = {0: 0, 1: 2, 2: 0, 3: 2}
+    trainer.groups.allocation.scores[0, 0] = trainer.groups.allocation.scores[2, 4] = 5.0
+    sizes_seen = []
+    collect = trainer.collector.collect
+
+    def recording(indices, step, kl_coef, sizes=None):
+        sizes_seen.append(sizes.tolist())
+        return collect(indices, step, kl_coef, sizes)
+
+    trainer.collector.collect = recording
+    trainer.train()
+    assert all(sum(s) == 16 and len(s) == 4 for s in sizes_seen)
+    assert sorted(sizes_seen[0]) == [2, 2, 6, 6]  # the first batch, binned as set above
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all("rollouts/dual_mu" in r and math.isfinite(r["loss/policy_avg"]) for r in rows)

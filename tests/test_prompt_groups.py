@@ -10,6 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from gipo.config import PPOConfig, build_config
+from gipo.estimators import per_prompt_mean
 from gipo.groups import (
     difficulty_bins,
     normalized_mutual_information,
@@ -17,13 +18,15 @@ from gipo.groups import (
     update_loss_ema,
     update_sampling_weights,
 )
-from gipo.prompt_groups import DifficultyTracker, PromptGroups, per_prompt_means, train_group_head
+from gipo.prompt_groups import DifficultyTracker, PromptGroups, train_group_head
 from tests.conftest import t
 
 
 def test_per_prompt_means_of_side_by_side_samples():
     # Prompts (1, 0, 1, 1) and (0, 0, 0.5, 0.5): means 0.75 and 0.25.
-    assert_close(per_prompt_means(t([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.5, 0.5]), 4), t([0.75, 0.25]))
+    assert_close(per_prompt_mean(t([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.5, 0.5]), 4), t([0.75, 0.25]))
+    assert_close(per_prompt_mean(t([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.5, 0.5]), torch.tensor([2, 5, 1])),
+                 t([0.5, 0.5, 0.5]))
 
 
 def test_difficulty_bins_are_equal_width_with_the_hardest_first():

@@ -36,6 +36,7 @@ CRITIC_FREE = {"reward": "gold", "num_generations": 4, "adaptive_kl": False}
     ("grpo", {**CRITIC_FREE, "filter_zero_std": True}), ("rloo", CRITIC_FREE),
     ("grpo_gipo", CRITIC_FREE), ("grpo_prompt_gdro", CRITIC_FREE),
     ("grpo_gipo_sampling", CRITIC_FREE), ("grpo_gdro_sampling", CRITIC_FREE), ("grpo_learnability", CRITIC_FREE),
+    ("grpo_rollout_gdro", CRITIC_FREE), ("grpo_gipo_rollout", CRITIC_FREE),
     ("custom", {**CRITIC_FREE, "estimator": "grpo", "groups": "oracle", "group_objective": "dro",
                 "dro_step_size": 0.1, "group_kl": True})])
 def test_ppo_resume_equals_uninterrupted(tiny_pipeline, tmp_path, method, extra):
@@ -58,8 +59,10 @@ def test_ppo_resume_equals_uninterrupted(tiny_pipeline, tmp_path, method, extra)
                 torch.testing.assert_close(rule_first[key], rule_second[key])
         assert first["difficulty"] == pytest.approx(second["difficulty"])
         assert first["pass_bins"] == second["pass_bins"]
-        for key, value in straight.groups.weighting.state_dict().items():  # Prompt-GDRO's bin scores
-            torch.testing.assert_close(value, resumed.groups.weighting.state_dict()[key])
+        for rule in ("weighting", "allocation"):  # Prompt-GDRO's bin scores, Rollout-GDRO's bandits
+            first_state, second_state = (getattr(t.groups, rule).state_dict() for t in (straight, resumed))
+            for key, value in first_state.items():
+                torch.testing.assert_close(value, second_state[key])
         if "head" in first:
             torch.testing.assert_close(first["head"], second["head"])
     assert straight.kl_ctl.value == pytest.approx(resumed.kl_ctl.value)
