@@ -79,8 +79,8 @@ class GroupState:
         self.weighting = ADVANTAGE_WEIGHTINGS.get(config.advantage_weighting)(config, self.num_groups)
         self.allocation = ROLLOUT_ALLOCATIONS.get(config.rollout_allocation)(config, self.num_groups)
         self.prompt_groups: PromptGroups | None = None
-        if config.groups in ("difficulty", "pass_bins") or config.group_sampling or (config.groups == "inferred"
-                                                                                     and not config.uses_critic):
+        if (config.groups in ("difficulty", "pass_bins") or config.group_sampling or self.allocation.needs_groups
+                or (config.groups == "inferred" and not config.uses_critic)):
             self.prompt_groups = PromptGroups(config, self.num_groups, hidden_size, self.label_indices, prompt_states,
                                               device)
         self.group_returns_ema: torch.Tensor | None = None

@@ -233,3 +233,14 @@ def test_rollout_gdro_trains_with_unequal_samples_per_prompt(tiny_pipeline, tmp_
     assert sorted(sizes_seen[0]) == [2, 2, 6, 6]  # the first batch, binned as set above
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert all("rollouts/dual_mu" in r and math.isfinite(r["loss/policy_avg"]) for r in rows)
+
+
+def test_the_data_labels_can_play_rollout_gdros_bandits(tiny_pipeline, tmp_path):
+    config = build_config(PPOConfig, {
+        **QUIET, "method": "custom", "estimator": "grpo", "groups": "oracle", "rollout_allocation": "rollout_gdro",
+        "reward": "gold", "num_generations": 4, "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1,
+        "max_new_tokens": 6, "max_steps": 2, "eval_every": 0, "train_prompts_per_group": 2,
+        "policy": str(tiny_pipeline["sft"] / "final")})
+    PPOTrainer(config, output_dir=tmp_path / "run").train()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 2 and all(any(k.startswith("rollouts/generations/") for k in r) for r in rows)

@@ -1,0 +1,91 @@
+"""Where the group methods' weights and samples went, and what Prompt-GDRO's bin score tracks.
+
+    python docs/results/rlvr-gdro/analyze.py RUNS_DIR [OUT.json]
+
+RUNS_DIR is a compare's folder or its archive (seed-*/METHOD/metrics.jsonl[.gz]). For every method it averages
+over seeds and iterations each domain's share of the samples and, where the run has bins, each bin's share,
+pass rate, Prompt-GDRO weight and Rollout-GDRO samples per prompt. For the runs with a bin score it correlates,
+over (iteration, bin) pairs, the score's observation x_b (the bin's surrogate loss over its share of the batch)
+with the bin's ratio drift, KL and pass rate. Writes OUT.json (default: analysis.json beside this script).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def read_rows(run: Path) -> list[dict]:
+    for name in ("metrics.jsonl", "metrics.jsonl.gz"):
+        path = run / name
+        if path.exists():
+            text = gzip.decompress(path.read_bytes()).decode() if name.endswith(".gz") else path.read_text()
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return []
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / math.sqrt(sxx * syy)
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(runs: list[Path]) -> dict:
+    per_key: dict[str, list[float]] = defaultdict(list)
+    pairs: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        for row in read_rows(run):
+            if "step" not in row or "loss/policy_avg" not in row:
+                continue
+            for key, value in row.items():
+                if key.startswith(("domain/share/", "groups/sample_share/", "groups/pass_rate/", "gdro/bin_weight/",
+                                   "rollouts/generations/")) and isinstance(value, float):
+                    group = key.rsplit("/", 1)[1]
+                    share = row.get(f"groups/sample_share/{group}", 1.0)
+                    if key.startswith(("groups/pass_rate/", "gdro/bin_weight/")) and not share:
+                        continue  # a bin absent from the batch has no pass rate or weight
+                    per_key[key].append(value)
+            bins = {k.rsplit("/", 1)[1] for k in row if k.startswith("groups/surrogate_loss/")}
+            for b in bins:
+                share = row.get(f"groups/sample_share/{b}", 0.0)
+                if share <= 0:
+                    continue
+                pairs["observation"].append(row[f"groups/surrogate_loss/{b}"] / share)
+                pairs["ratio_drift"].append(row[f"groups/ratio_drift/{b}"])
+                pairs["loss_kl"].append(row[f"groups/loss_kl/{b}"])
+                pairs["pass_rate"].append(row.get(f"groups/pass_rate/{b}", 0.0))
+    out = {"means": {k: mean(v) for k, v in sorted(per_key.items())}}
+    if pairs["observation"]:
+        out["score_observation_correlation"] = {
+            name: pearson(pairs["observation"], pairs[name]) for name in ("ratio_drift", "loss_kl", "pass_rate")}
+        out["score_observation_pairs"] = len(pairs["observation"])
+    return out
+
+
+def main(runs_dir: Path, out: Path) -> None:
+    methods: dict[str, list[Path]] = defaultdict(list)
+    for seed_dir in sorted(runs_dir.glob("seed-*")):
+        for run in sorted(p for p in seed_dir.iterdir() if p.is_dir() and p.name not in ("sft", "rm", "start")):
+            methods[run.name].append(run)
+    report = {name: {"seeds": len(runs), **summarize(runs)} for name, runs in methods.items()}
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    for name, entry in report.items():
+        print(name, json.dumps(entry.get("score_observation_correlation", {})))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).with_name("analysis.json"))
