@@ -19,7 +19,7 @@ import torch
 
 from gipo import groups as G
 from gipo.distributed import Reduce, local_sum
-from gipo.registry import Registry
+from gipo.registry import Registry, Stateless
 
 
 class AdvantageWeighting(Protocol):
@@ -35,7 +35,7 @@ class AdvantageWeighting(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class Unweighted:
+class Unweighted(Stateless):
     """Every advantage as the estimator gave it."""
 
     def __init__(self, config: Any, num_groups: int):
@@ -46,12 +46,6 @@ class Unweighted:
 
     def observe(self, surrogate_losses: torch.Tensor, shares: torch.Tensor, observed: torch.Tensor) -> dict[str, float]:
         return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class PromptGDRO:

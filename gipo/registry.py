@@ -101,3 +101,13 @@ class Registry(Generic[T]):
         listed = "; ".join(f"{name} ({about})" if about else name for name, about in self._about.items())
         python = "; or python:MODULE:FUNCTION" if self._from_python else ""
         return f"Registered: {listed}{python}."
+
+
+class Stateless:
+    """The checkpoint side of a registered rule that carries nothing between iterations."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from gipo.registry import Registry
+from gipo.registry import Registry, Stateless
 
 
 class RolloutAllocation(Protocol):
@@ -33,7 +33,7 @@ class RolloutAllocation(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class Equal:
+class Equal(Stateless):
     """``num_generations`` samples for every prompt."""
 
     needs_groups = False
@@ -46,12 +46,6 @@ class Equal:
 
     def observe(self, scores: torch.Tensor, observed: torch.Tensor) -> dict[str, float]:
         return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def exact_budget_choice(log_probs: torch.Tensor, counts: list[int], arms: list[int], budget: int) -> list[int]:

@@ -17,7 +17,7 @@ import torch
 
 from gipo import groups as G
 from gipo.data import EpochSampler
-from gipo.registry import Registry
+from gipo.registry import Registry, Stateless
 
 # Candidates drawn per prompt of the batch when sampling by group weights: enough for a group with a small share
 # of the data to be found among them.
@@ -48,7 +48,7 @@ class SamplingRule(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class Uniform:
+class Uniform(Stateless):
     """Every prompt alike: the sampler's next shuffled prompts."""
 
     needs_groups = False
@@ -61,12 +61,6 @@ class Uniform:
 
     def observe(self, group_losses: torch.Tensor, observed: torch.Tensor) -> dict[str, float]:
         return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class GroupWeights:
@@ -102,7 +96,7 @@ class GroupWeights:
         self.weights, self.loss_ema, self.seen = state["weights"], state["loss_ema"], state["seen"]
 
 
-class Learnability:
+class Learnability(Stateless):
     """Learnability sampling (Foster et al., 2025): of the next ``POOL_FACTOR * n`` prompts, ``n`` drawn without
     replacement with probability proportional to p (1 - p) at each one's pass rate p, mixed with the uniform
     (``group_sampling_floor``) so that a prompt at p = 0 or 1 can still come back. Needs no groups of its own;
@@ -126,12 +120,6 @@ class Learnability:
 
     def observe(self, group_losses: torch.Tensor, observed: torch.Tensor) -> dict[str, float]:
         return {"sampling/learnability_mean": self.last_mean}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 SAMPLING_RULES: Registry[Callable[[Any, int], SamplingRule]] = Registry(
