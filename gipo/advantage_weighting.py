@@ -2,7 +2,7 @@
 
 A rule is built as ``rule(config, num_groups)`` and has one interface (``AdvantageWeighting``): ``weights`` gives
 the batch's per-sample multipliers from the samples' group assignment, ``observe`` reads each update's mean
-surrogate loss per group, and a ``state_dict`` that checkpoints keep. ``advantage_weighting: NAME`` picks one;
+score per group, and a ``state_dict`` that checkpoints keep. ``advantage_weighting: NAME`` picks one;
 ``register_advantage_weighting`` adds one, and ``python:MODULE:CLASS`` loads one. (A *group* is a set of prompts:
 here mostly Prompt-GDRO's pass-rate bins.)
 
@@ -26,9 +26,10 @@ class AdvantageWeighting(Protocol):
     def weights(self, probs: torch.Tensor, reduce: Reduce = local_sum) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Per-sample multipliers (B,) (None: all 1) from the samples' group assignment (B, M), and metrics."""
 
-    def observe(self, surrogate_losses: torch.Tensor, shares: torch.Tensor, observed: torch.Tensor) -> dict[str, float]:
-        """One update's mean surrogate loss per group (M,) (unweighted advantages, no KL), each group's share of
-        the batch (M,) and which groups it held (M,) bool; returns metrics to log."""
+    def observe(self, scores: torch.Tensor, observed: torch.Tensor) -> dict[str, float]:
+        """One update's score per group (M,) (``gdro_score``: by default the mean surrogate loss, unweighted
+        advantages and no KL, over the group's share of the batch) and which groups it held (M,) bool; returns
+        metrics to log."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -44,20 +45,21 @@ class Unweighted(Stateless):
     def weights(self, probs: torch.Tensor, reduce: Reduce = local_sum) -> tuple[torch.Tensor | None, dict[str, float]]:
         return None, {}
 
-    def observe(self, surrogate_losses: torch.Tensor, shares: torch.Tensor, observed: torch.Tensor) -> dict[str, float]:
+    def observe(self, scores: torch.Tensor, observed: torch.Tensor) -> dict[str, float]:
         return {}
 
 
 class PromptGDRO:
     """Prompt-GDRO (Panaganti et al., 2026, section 3.2): each bin's score s_b is an EMA (``gdro_ema_beta``) of its
-    mean surrogate loss, divided by its share of the batch with ``gdro_score_by_share``; the bins present in the
+    observed score (``gdro_score``: the mean surrogate loss, divided by the bin's share of the batch with
+    ``gdro_score_by_share``, as published; or its failure rate); the bins present in the
     batch get q_b = (1 - gamma) softmax(eta s)_b + gamma / |present| (``gdro_eta``, ``gdro_gamma``), and each
     sample's advantage is multiplied by its bin's q, rescaled to a batch mean of 1 and capped at
     ``gdro_weight_cap``. The sampler stays as it is (uniform in the preset)."""
 
     def __init__(self, config: Any, num_groups: int):
         self.eta, self.gamma, self.beta = config.gdro_eta, config.gdro_gamma, config.gdro_ema_beta
-        self.cap, self.by_share = config.gdro_weight_cap, config.gdro_score_by_share
+        self.cap = config.gdro_weight_cap
         self.scores = torch.zeros(num_groups)
         self.seen = torch.zeros(num_groups, dtype=torch.bool)
 
@@ -70,9 +72,8 @@ class PromptGDRO:
         metrics["gdro/sample_weight_max"] = float(weights.max()) if weights.numel() else 0.0
         return weights, metrics
 
-    def observe(self, surrogate_losses: torch.Tensor, shares: torch.Tensor, observed: torch.Tensor) -> dict[str, float]:
-        observation = surrogate_losses / shares.clamp(min=1e-8) if self.by_share else surrogate_losses
-        self.scores = G.update_loss_ema(self.scores, observation, observed, self.seen, 1 - self.beta)
+    def observe(self, scores: torch.Tensor, observed: torch.Tensor) -> dict[str, float]:
+        self.scores = G.update_loss_ema(self.scores, scores, observed, self.seen, 1 - self.beta)
         self.seen = self.seen | observed
         return {}
 

@@ -427,8 +427,13 @@ class PPOConfig(RunConfig):
                                "present in the batch.", min=0, max=1)
     gdro_weight_cap: float = option(15.0, "prompt_gdro: largest advantage multiplier, after rescaling the batch's "
                                     "weights to a mean of 1.", min=1)
-    gdro_score_by_share: bool = option(True, "prompt_gdro: divide a bin's mean surrogate loss by its share of the "
-                                       "batch before the EMA (the authors' runs do).")
+    gdro_score: str = option("surrogate_loss", "What a group's score, read by prompt_gdro's weights and rollout_gdro's "
+                             "bandits, observes after each update: surrogate_loss (the group's mean clipped "
+                             "surrogate, as published) or failure_rate (1 - the share of its samples with reward "
+                             ">= 1 in the batch: the loss of a 0/1 reward, which tracks difficulty).",
+                             choices=("surrogate_loss", "failure_rate"))
+    gdro_score_by_share: bool = option(True, "gdro_score=surrogate_loss: divide a group's mean surrogate loss by its "
+                                       "share of the batch (the authors' runs do).")
     difficulty_ema: float = option(0.8, "Decay of each prompt's mean-reward EMA (difficulty bins) and of each "
                                    "group's mean-loss EMA (sampling weights).", min=0, max=0.999)
     group_head_steps: int = option(5, "Gradient steps per iteration of the prompt group head (inferred groups "

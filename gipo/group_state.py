@@ -86,6 +86,7 @@ class GroupState:
         self.group_returns_ema: torch.Tensor | None = None
         self.dro_weights = torch.full((self.num_groups,), 1.0 / self.num_groups)
         self.gain_baseline: dict[int, float] = {}
+        self.batch_pass_rates = torch.zeros(self.num_groups)
 
     # --- which prompts ----------------------------------------------------------------------------------
     def choose_prompts(self, sampler: EpochSampler, n: int, step: int) -> list[int]:
@@ -166,13 +167,17 @@ class GroupState:
     def learn_from_update(self, policy_losses: torch.Tensor, surrogate_losses: torch.Tensor, shares: torch.Tensor
                           ) -> dict[str, float]:
         """After an update, from each group's mean policy loss (M,) (group DRO's step), mean surrogate loss (M,)
-        and share of the batch (M,) (the advantage weighting's scores)."""
+        and share of the batch (M,): each group's score (``gdro_score``) goes to the advantage weighting and the
+        rollout allocation rules."""
         if self.config.group_objective == "dro" and self.config.dro_step_size > 0:
             self.dro_weights = G.update_dro_weights(self.dro_weights, policy_losses, self.config.dro_step_size)
         observed = shares > 0
-        scores = surrogate_losses / shares.clamp(min=1e-8) if self.config.gdro_score_by_share else surrogate_losses
-        return {**self.weighting.observe(surrogate_losses, shares, observed),
-                **self.allocation.observe(scores, observed)}
+        if self.config.gdro_score == "failure_rate":
+            scores = 1 - self.batch_pass_rates
+        else:
+            scores = surrogate_losses / shares.clamp(min=1e-8) if self.config.gdro_score_by_share else surrogate_losses
+        return {**self.weighting.observe(scores, observed), **self.allocation.observe(scores, observed),
+                **{f"groups/score_observation/{g}": float(v) for g, v in enumerate(scores) if observed[g]}}
 
     # --- metrics ----------------------------------------------------------------------------------------
     def _group_metrics(self, batch: GroupBatch, probs: torch.Tensor, signal: torch.Tensor,
@@ -197,6 +202,7 @@ class GroupState:
         exact answers under the gold reward)."""
         passed = (raw_scores >= EXACT).float()
         shares, pass_rates = G.group_masses(probs, self.reduce), G.soft_group_means(probs, passed, self.reduce)
+        self.batch_pass_rates = pass_rates.cpu()  # a failure-rate group score reads them after the update
         return {**{f"groups/sample_share/{g}": float(v) for g, v in enumerate(shares)},
                 **{f"groups/pass_rate/{g}": float(v) for g, v in enumerate(pass_rates)}}
 

@@ -25,8 +25,8 @@ class RolloutAllocation(Protocol):
         Every process must allocate alike, so seed any draw with the step."""
 
     def observe(self, scores: torch.Tensor, observed: torch.Tensor) -> dict[str, float]:
-        """One update's score per group (M,) (the share-normalized mean surrogate loss) and which groups the
-        batch held (M,) bool; returns metrics."""
+        """One update's score per group (M,) (``gdro_score``) and which groups the batch held (M,) bool; returns
+        metrics."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -79,8 +79,8 @@ class RolloutGDRO:
     Each group's arm probabilities are p_g = (1 - gamma) softmax(eta S_g) + gamma / K (``gdro_eta``,
     ``gdro_gamma``); a dynamic program picks the most likely joint choice that spends the batch exactly
     (``exact_budget_choice``). After the update, the chosen arm's score gains the importance-weighted reward
-    (x_g - mu (n_g - n_bar) / n_bar) / p_g(n_g) (EXP3), x_g the group's score (the share-normalized surrogate
-    loss, as Prompt-GDRO's). The shadow price mu moves by ``rollout_dual_step`` times the relative overspend of
+    (x_g - mu (n_g - n_bar) / n_bar) / p_g(n_g) (EXP3), x_g the group's score (``gdro_score``, as
+    Prompt-GDRO's). The shadow price mu moves by ``rollout_dual_step`` times the relative overspend of
     arms drawn from the p_g themselves (the exact choice never overspends, so it could not move mu)."""
 
     needs_groups = True

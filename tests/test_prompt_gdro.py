@@ -51,15 +51,14 @@ def test_bin_weights_by_hand():
     torch.testing.assert_close(weights, torch.tensor([0.8 / 1.4, 0.8 / 1.4, 0.8 / 1.4, 2.0]))
 
 
-def test_bin_scores_are_an_ema_of_the_share_normalized_surrogate_loss():
-    config = SimpleNamespace(gdro_eta=0.65, gdro_gamma=0.01, gdro_ema_beta=0.5, gdro_weight_cap=15.0,
-                             gdro_score_by_share=True)
+def test_bin_scores_are_an_ema_of_the_observed_scores():
+    config = SimpleNamespace(gdro_eta=0.65, gdro_gamma=0.01, gdro_ema_beta=0.5, gdro_weight_cap=15.0)
     rule = PromptGDRO(config, 2)
-    observed = torch.tensor([True, False])
-    rule.observe(torch.tensor([0.2, 9.0]), torch.tensor([0.5, 0.0]), observed)
-    torch.testing.assert_close(rule.scores, torch.tensor([0.4, 0.0]))  # first observation: 0.2 / 0.5; bin 1 absent
-    rule.observe(torch.tensor([0.1, 0.3]), torch.tensor([0.25, 0.75]), torch.tensor([True, True]))
-    torch.testing.assert_close(rule.scores, torch.tensor([0.5 * 0.4 + 0.5 * 0.4, 0.4]))
+    rule.observe(torch.tensor([0.4, 9.0]), torch.tensor([True, False]))
+    torch.testing.assert_close(rule.scores, torch.tensor([0.4, 0.0]))  # a first observation is the score; bin 1 absent
+    rule.observe(torch.tensor([0.2, 0.4]), torch.tensor([True, True]))
+    torch.testing.assert_close(rule.scores, torch.tensor([0.5 * 0.4 + 0.5 * 0.2, 0.4]))
+    rule.scores = torch.tensor([0.4, 0.4])
     weights, metrics = rule.weights(torch.eye(2)[[0, 1, 1]])
     assert metrics["gdro/bin_weight/0"] == pytest.approx(metrics["gdro/bin_weight/1"])  # equal scores
     torch.testing.assert_close(weights.mean(), torch.tensor(1.0))
@@ -139,7 +138,7 @@ def test_an_advantage_weighting_is_one_registration(tiny_pipeline, tmp_path):
         def weights(self, probs, reduce=None):
             return torch.full((probs.shape[0],), 2.0), {"test/double": 1.0}
 
-        def observe(self, surrogate_losses, shares, observed):
+        def observe(self, scores, observed):
             return {}
 
         def state_dict(self):
@@ -244,3 +243,16 @@ def test_the_data_labels_can_play_rollout_gdros_bandits(tiny_pipeline, tmp_path)
     PPOTrainer(config, output_dir=tmp_path / "run").train()
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(rows) == 2 and all(any(k.startswith("rollouts/generations/") for k in r) for r in rows)
+
+
+def test_a_failure_rate_score_is_one_minus_the_bins_pass_rate(tiny_pipeline, tmp_path):
+    config = build_config(PPOConfig, {
+        **QUIET, "method": "grpo_prompt_gdro", "gdro_score": "failure_rate", "reward": "gold", "num_generations": 4,
+        "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1, "max_new_tokens": 6, "max_steps": 2,
+        "eval_every": 0, "train_prompts_per_group": 2, "policy": str(tiny_pipeline["sft"] / "final")})
+    PPOTrainer(config, output_dir=tmp_path / "run").train()
+    for row in read_metrics(tmp_path / "run" / "metrics.jsonl"):
+        observed = [k.rsplit("/", 1)[1] for k in row if k.startswith("groups/score_observation/")]
+        assert observed
+        for g in observed:
+            assert row[f"groups/score_observation/{g}"] == pytest.approx(1 - row[f"groups/pass_rate/{g}"])
