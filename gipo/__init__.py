@@ -27,6 +27,7 @@ from gipo.ppo import PPOTrainer
 from gipo.reasoning_gym_task import ReasoningGymTask
 from gipo.reward import RewardTrainer
 from gipo.reward_functions import register_reward
+from gipo.rollout import register_generation_backend
 from gipo.rollout_allocation import register_rollout_allocation
 from gipo.sampling import register_sampling_rule
 from gipo.sft import SFTTrainer
@@ -35,6 +36,6 @@ from gipo.tasks import Task, register_task, register_task_family
 __all__ = [
     "Critic", "EvalConfig", "PPOConfig", "PPOTrainer", "ReasoningGymTask", "RewardConfig", "RewardTrainer", "SFTConfig",
     "SFTTrainer", "Task", "build_config", "build_embedded_model", "build_embedded_tokenizer", "load_config",
-    "register_advantage_weighting", "register_estimator", "register_extractor", "register_reward", "register_rollout_allocation", "register_sampling_rule", "register_task",
+    "register_advantage_weighting", "register_estimator", "register_extractor", "register_generation_backend", "register_reward", "register_rollout_allocation", "register_sampling_rule", "register_task",
     "register_task_family",
 ]

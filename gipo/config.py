@@ -23,6 +23,7 @@ from gipo.errors import ConfigError
 from gipo.estimators import ESTIMATORS, get_estimator
 from gipo.registry import Registry
 from gipo.reward_functions import REWARD_SOURCES, STANDALONE, reward_specs
+from gipo.rollout import GENERATION_BACKENDS
 from gipo.rollout_allocation import ROLLOUT_ALLOCATIONS
 from gipo.sampling import SAMPLING_RULES
 
@@ -268,9 +269,8 @@ class PPOConfig(RunConfig):
     top_p: float = option(1.0, "Nucleus sampling mass.", min=0, max=1, min_exclusive=True)
     stop_on_eos: bool = option(True, "End a response at the EOS token.")
     generation_backend: str = option(
-        "fast", "Sampling loop: fast (gipo's own: one cached forward per token, the same draws as HF generate up to "
-        "float rounding; HF generate where the model has no KV cache) or hf (transformers' generate).",
-        choices=("fast", "hf"))
+        "fast", "Sampling loop: a registered generation backend or python:MODULE:FUNCTION (docs/extending.md).",
+        registry=GENERATION_BACKENDS)
     reuse_generation_logprobs: bool = option(
         True, "Take the old policy's log-probabilities from sampling (the fast backend records them, equal to a "
         "forward's within float rounding) instead of one more policy forward; with shared_critic, the values and "
@@ -624,6 +624,9 @@ def _check_range(cls_name: str, f: dataclasses.Field, value: Any) -> None:
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{cls_name}: key '{f.name}' is {value!r}; allowed values: "
                           f"{', '.join(map(str, meta['choices']))}.")
+    if meta.get("registry") is not None:  # every name a registered entry (or a python: spec that loads)
+        for name in str(value).split(","):
+            meta["registry"].get(name.strip())
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
         bound = f"> {lo}" if meta.get("min_exclusive") else f">= {lo}"

@@ -8,7 +8,7 @@ predict the response tokens, so only those are computed (``logits_to_keep``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicLayer
 from gipo import distributed as dist
 from gipo.losses import entropy_from_logits, logprobs_from_logits
 from gipo.models import position_ids_from_mask, without_cache
+from gipo.registry import Registry
 
 # HF generate fills an unset top_k from GenerationConfig's default, 50, and ``generate`` below leaves it unset for
 # top_k=0; the fast loop does the same, so that both backends sample from the same distribution.
@@ -84,21 +85,34 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int | None) -> tu
 def generate(model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id: int,
              pad_id: int, settings: SamplingSettings, greedy: bool = False, with_logprobs: bool = False,
              with_states: bool = False) -> Rollout:
-    """Sample responses (``greedy``: argmax). ``settings.backend`` "fast" runs :func:`sample_fast` where the
-    model supports it (a decoder-only model with a KV cache; on a CPU, with :func:`packed_linear_weights`)
-    and HF ``generate`` otherwise.
-    ``with_logprobs`` fills ``Rollout.sampled_logprobs`` (the fast loop gets them for free; with HF
-    generate they come from one more forward). ``with_states`` (fast loop only) fills ``Rollout.sampled_states``."""
-    if settings.backend == "fast" and fast_sampling_supported(model):
-        on_cpu = query_ids.device.type == "cpu"
-        with packed_linear_weights(model, len(query_ids)) if on_cpu else contextlib.nullcontext():
-            return sample_fast(model, query_ids, query_mask, eos_id, pad_id, settings, greedy, with_logprobs,
-                               with_states)
+    """Sample responses (``greedy``: argmax) with the generation backend ``settings.backend`` names.
+    ``with_logprobs`` fills ``Rollout.sampled_logprobs``; ``with_states`` (fast loop only) fills
+    ``Rollout.sampled_states``."""
+    backend = GENERATION_BACKENDS.get(settings.backend)
+    return backend(model, query_ids, query_mask, eos_id, pad_id, settings, greedy, with_logprobs, with_states)
+
+
+def generate_fast(model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id: int,
+                  pad_id: int, settings: SamplingSettings, greedy: bool, with_logprobs: bool,
+                  with_states: bool) -> Rollout:
+    """gipo's sampling loop (:func:`sample_fast`) where the model supports it (a decoder-only model with a KV
+    cache; on a CPU, with :func:`packed_linear_weights`), HF ``generate`` otherwise. Its log-probabilities come
+    for free."""
+    if not fast_sampling_supported(model):
+        return generate_hf(model, query_ids, query_mask, eos_id, pad_id, settings, greedy, with_logprobs, with_states)
+    on_cpu = query_ids.device.type == "cpu"
+    with packed_linear_weights(model, len(query_ids)) if on_cpu else contextlib.nullcontext():
+        return sample_fast(model, query_ids, query_mask, eos_id, pad_id, settings, greedy, with_logprobs,
+                           with_states)
+
+
+def generate_hf(model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor, eos_id: int,
+                pad_id: int, settings: SamplingSettings, greedy: bool, with_logprobs: bool,
+                with_states: bool) -> Rollout:
+    """transformers' ``generate``; log-probabilities from one more forward."""
     if with_states:
         raise ValueError("sampled hidden states come only from the fast sampling loop (backend 'fast', a decoder "
                          "with a KV cache)")
-    if settings.backend not in ("fast", "hf"):
-        raise ValueError(f"unknown generation backend {settings.backend!r} (fast or hf)")
     config = GenerationConfig(
         do_sample=not greedy, max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature if not greedy else None,
@@ -118,6 +132,22 @@ def generate(model: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.
         rollout.sampled_logprobs = response_logprobs(model, rollout, settings.temperature)[0] * mask
     model.train(was_training)
     return rollout
+
+
+GenerationBackend = Callable[[PreTrainedModel, torch.Tensor, torch.Tensor, int, int, SamplingSettings, bool, bool,
+                              bool], Rollout]
+GENERATION_BACKENDS: Registry[GenerationBackend] = Registry("generation backend", "generation_backend",
+                                                            lambda spec, backend: backend)
+GENERATION_BACKENDS.register("fast", generate_fast, "gipo's own loop: one cached forward per token, the same draws "
+                             "as HF generate up to float rounding (HF generate where the model has no KV cache)")
+GENERATION_BACKENDS.register("hf", generate_hf, "transformers' generate")
+
+
+def register_generation_backend(name: str, backend: GenerationBackend, about: str = "", *,
+                                replace: bool = False) -> None:
+    """Add a backend, found as ``generation_backend: NAME``: ``backend(model, query_ids, query_mask, eos_id,
+    pad_id, settings, greedy, with_logprobs, with_states) -> Rollout``."""
+    GENERATION_BACKENDS.register(name, backend, about, replace=replace)
 
 
 def _inner_model(model):

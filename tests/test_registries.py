@@ -107,3 +107,24 @@ def test_help_says_what_batch_size_counts_and_names_the_critic_free_estimators(c
     assert "batch_size = 64: Samples (responses) per iteration" in text
     assert "critic-free" in text and "reward functions" in text.lower()
     assert PPOConfig(method="grpo", batch_size=64).prompts_per_batch == 8
+
+
+def test_a_generation_backend_is_one_registration(tiny_pipeline, tmp_path):
+    from gipo.rollout import generate_hf
+
+    calls = []
+
+    def greedy_hf(model, query_ids, query_mask, eos_id, pad_id, settings, greedy, with_logprobs, with_states):
+        calls.append(len(query_ids))
+        return generate_hf(model, query_ids, query_mask, eos_id, pad_id, settings, True, with_logprobs, with_states)
+
+    gipo.register_generation_backend("test_greedy", greedy_hf, "argmax through HF generate", replace=True)
+    config = build_config(PPOConfig, {**TINY, "method": "grpo", "reward": "gold", "num_generations": 4,
+                                      "generation_backend": "test_greedy",
+                                      "policy": str(tiny_pipeline["sft"] / "final")})
+    PPOTrainer(config, output_dir=tmp_path / "run").train()
+    assert calls[:2] == [8, 8]  # the two iterations' batches
+    rows = _rows(tmp_path / "run")
+    assert all(r["objective/frac_reward_zero_std"] == 1.0 for r in rows)  # a prompt's argmax samples agree
+    with pytest.raises(ConfigError, match="test_greedy"):
+        build_config(PPOConfig, {"generation_backend": "test_greed"})
