@@ -21,6 +21,7 @@ import yaml
 from gipo.advantage_weighting import ADVANTAGE_WEIGHTINGS
 from gipo.errors import ConfigError
 from gipo.estimators import ESTIMATORS, get_estimator
+from gipo.losses import ROLLOUT_CORRECTIONS
 from gipo.registry import Registry
 from gipo.reward_functions import REWARD_SOURCES, STANDALONE, reward_specs
 from gipo.rollout import GENERATION_BACKENDS
@@ -276,6 +277,15 @@ class PPOConfig(RunConfig):
         "forward's within float rounding) instead of one more policy forward; with shared_critic, the values and "
         "group logits too, from the hidden states recorded while sampling. Used only with the fast backend "
         "and a policy without active dropout, in fp32 (with bf16 autocast or dropout the forward runs).")
+    rollout_correction: str = option(
+        "token_truncate", "Where the responses come with their sampler's own log-probabilities and the trainer "
+        "recomputes the old policy's (a backend such as vLLM that records its own; not with the fast backend's "
+        "reused ones), weight each token's surrogate by r = pi_train / pi_sampling: token_truncate / "
+        "sequence_truncate clamp r (per token, or the product over the response) to [rollout_correction_min, "
+        "rollout_correction_max] (truncated importance sampling); token_mask / sequence_mask drop what falls "
+        "outside; none.", choices=ROLLOUT_CORRECTIONS)
+    rollout_correction_max: float = option(2.0, "Upper bound of the rollout correction's ratio.", min=1)
+    rollout_correction_min: float = option(0.0, "Lower bound of the rollout correction's ratio.", min=0, max=1)
     sampling_draws: str = option(
         "inverse_cdf", "How the fast sampling loop draws each token from its probabilities: inverse_cdf (one uniform "
         "number per sample, looked up in the cumulative probabilities) or multinomial (torch.multinomial as HF "

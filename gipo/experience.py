@@ -19,7 +19,7 @@ from gipo import estimators as E
 from gipo.config import PPOConfig
 from gipo.data import pad_left
 from gipo.group_state import GroupBatch, GroupState
-from gipo.losses import kl_per_token, shape_rewards
+from gipo.losses import kl_per_token, masked_mean, rollout_correction_weights, shape_rewards
 from gipo.reward_functions import ModelReward, RewardSource
 from gipo.rollout import (
     Rollout,
@@ -78,6 +78,7 @@ class Experience:
     loss_kl_coef: torch.Tensor | None = None  # (B,) its per-sample coefficient
     keep: torch.Tensor | None = None  # (B,) 0 for samples the loss drops (filter_zero_std, mask_truncated)
     advantage_weights: torch.Tensor | None = None  # (B,) the advantage weighting rule's multipliers; None: all 1
+    correction_weights: torch.Tensor | None = None  # (B, T) sampler-to-trainer importance weights; None: all 1
 
     def __len__(self) -> int:
         return self.rollout.response_ids.shape[0]
@@ -164,10 +165,11 @@ class ExperienceCollector:
                                      advantage_weights=view.advantage_weights))
 
         keep, sample_metrics = self._kept_samples(raw_scores, rollout, sizes)
+        correction, correction_metrics = self._rollout_correction(logprobs, rollout, step)
         loss_kl = config.kl_in == "loss" and ref_logprobs is not None
         experience = Experience(rollout, logprobs, values, advantages, returns, view.signal, view.fixed_probs,
                                 ref_logprobs=ref_logprobs if loss_kl else None, keep=keep,
-                                advantage_weights=view.advantage_weights,
+                                advantage_weights=view.advantage_weights, correction_weights=correction,
                                 loss_kl_coef=torch.as_tensor(view.kl_coef, device=self.device).expand(len(indices))
                                 if loss_kl else None)
         metrics = {
@@ -178,6 +180,7 @@ class ExperienceCollector:
             "val/num_eos_tokens": dist.global_sum(rollout.has_eos.float().sum()).item(),
             "response/length": dist.global_mean(rollout.lengths.float()).item(),
             **sample_metrics,
+            **correction_metrics,
             **timings,
         }
         if kl_sum is not None:
@@ -230,6 +233,27 @@ class ExperienceCollector:
         texts = decode_responses(self.tokenizer, rollout)
         return raw_scores.new_tensor([self.task.gold_reward(self.records[i], text)
                                       for i, text in zip(indices, texts, strict=True)])
+
+    def _rollout_correction(self, logprobs: torch.Tensor, rollout: Rollout, step: int
+                            ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Importance weights from the sampler's log-probabilities to the trainer's (None where the old policy's
+        are the sampler's own, or there are none), and how far apart the two engines were."""
+        config = self.config
+        if config.rollout_correction == "none" or rollout.sampled_logprobs is None or self.reuse_logprobs:
+            return None, {}
+        mask = rollout.response_mask
+        weights = rollout_correction_weights(logprobs, rollout.sampled_logprobs, mask, config.rollout_correction,
+                                             config.rollout_correction_max, config.rollout_correction_min)
+        log_ratio = (logprobs - rollout.sampled_logprobs) * mask
+        ratio = torch.exp(log_ratio.clamp(-20, 20))
+        changed = ((weights - ratio).abs() > 1e-6).float()
+        metrics = {"rollout_correction/ratio_mean": masked_mean(ratio, mask, reduce=self.reduce).item(),
+                   "rollout_correction/ratio_max": dist.gather(torch.where(mask.bool(), ratio, 0).amax().view(1))
+                   .max().item(),
+                   "rollout_correction/kl": masked_mean(-log_ratio, mask, reduce=self.reduce).item(),
+                   "rollout_correction/clipped_share": masked_mean(changed, mask, reduce=self.reduce).item()}
+        check_finite(step, rollout_correction_weights=weights)
+        return weights, metrics
 
     def _kept_samples(self, raw_scores: torch.Tensor, rollout: Rollout, sizes: torch.Tensor
                       ) -> tuple[torch.Tensor | None, dict[str, float]]:

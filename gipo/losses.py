@@ -202,3 +202,25 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     """DPO (Rafailov et al., 2023): the mean of :func:`dpo_pair_losses` over the batch, and the per-pair margin."""
     losses, margin = dpo_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
     return losses.mean(), margin
+
+
+ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def rollout_correction_weights(train_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, mask: torch.Tensor,
+                               mode: str, high: float, low: float = 0.0) -> torch.Tensor:
+    """Importance weights (B, T) for responses sampled by another engine than the one that trains (a vLLM
+    engine, a bf16 sampler): r = pi_train / pi_sampling per token (``token_*``) or per response, the product over
+    its tokens (``sequence_*``). ``*_truncate`` clamps r to [low, high] (truncated importance sampling);
+    ``*_mask`` gives 0 where r falls outside [low, high] (the sample or token is dropped). Detached; 0 on padding."""
+    log_ratio = (train_logprobs - sampling_logprobs).detach() * mask
+    if mode.startswith("sequence"):
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(mask)
+    ratio = torch.exp(log_ratio.clamp(-20, 20))
+    if mode.endswith("truncate"):
+        weights = ratio.clamp(min=low, max=high)
+    elif mode.endswith("mask"):
+        weights = torch.where((ratio >= low) & (ratio <= high), ratio, torch.zeros_like(ratio))
+    else:
+        raise ValueError(f"Unknown rollout correction {mode!r}; allowed: {', '.join(ROLLOUT_CORRECTIONS[1:])}.")
+    return weights * mask

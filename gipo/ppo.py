@@ -240,6 +240,8 @@ class PPOTrainer(BaseTrainer):
                                                              experience.advantages[index], config.clip_range,
                                                              config.clip_range_high)
         policy_tokens = surrogate_tokens
+        if experience.correction_weights is not None:  # responses from another engine than the trainer
+            policy_tokens = policy_tokens * experience.correction_weights[index]
         if experience.advantage_weights is not None:  # the surrogate of the weighted advantage (see the rules)
             policy_tokens = policy_tokens * experience.advantage_weights[index].unsqueeze(-1)
         kl_tokens = None

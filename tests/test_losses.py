@@ -406,3 +406,21 @@ def test_dpo_pair_losses_by_hand():
     # pair 1 and -0.5 * sigmoid(0.5) = -0.3112296 for pair 2; a lower loss wants a larger log pi_c.
     losses.sum().backward()
     assert_close(chosen.grad, t([-0.1344707, -0.3112296]), rtol=0, atol=1e-7)
+
+
+def test_rollout_correction_weights_by_hand():
+    from gipo.losses import rollout_correction_weights
+
+    train = torch.log(torch.tensor([[0.5, 0.9, 0.2], [0.4, 0.4, 0.1]]))
+    sampling = torch.log(torch.tensor([[0.1, 0.9, 0.4], [0.2, 0.8, 0.1]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # Per token r = 5, 1, 0.5 and 2, 0.5 (the last token is padding).
+    torch.testing.assert_close(rollout_correction_weights(train, sampling, mask, "token_truncate", 2.0),
+                               torch.tensor([[2.0, 1.0, 0.5], [2.0, 0.5, 0.0]]))
+    torch.testing.assert_close(rollout_correction_weights(train, sampling, mask, "token_mask", 2.5, 0.6),
+                               torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]]))
+    # Per response: 5 * 1 * 0.5 = 2.5 and 2 * 0.5 = 1.
+    torch.testing.assert_close(rollout_correction_weights(train, sampling, mask, "sequence_truncate", 2.0),
+                               torch.tensor([[2.0, 2.0, 2.0], [1.0, 1.0, 0.0]]))
+    torch.testing.assert_close(rollout_correction_weights(train, sampling, mask, "sequence_mask", 2.0),
+                               torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]]))

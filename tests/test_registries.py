@@ -4,6 +4,7 @@ like the built-in ones; names are listed once, where they are registered; bad na
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,25 @@ def test_a_generation_backend_is_one_registration(tiny_pipeline, tmp_path):
     assert all(r["objective/frac_reward_zero_std"] == 1.0 for r in rows)  # a prompt's argmax samples agree
     with pytest.raises(ConfigError, match="test_greedy"):
         build_config(PPOConfig, {"generation_backend": "test_greed"})
+
+
+def test_a_backend_with_its_own_log_probabilities_gets_the_rollout_correction(tiny_pipeline, tmp_path):
+    """A backend whose recorded log-probabilities differ from the trainer's (as a vLLM engine's would): the
+    trainer recomputes the old policy's, and the importance weights between the two are logged and clamped."""
+    from gipo.rollout import generate_hf
+
+    def shifted(model, query_ids, query_mask, eos_id, pad_id, settings, greedy, with_logprobs, with_states):
+        rollout = generate_hf(model, query_ids, query_mask, eos_id, pad_id, settings, greedy, True, with_states)
+        rollout.sampled_logprobs = (rollout.sampled_logprobs - 1.0) * rollout.response_mask  # r = e per token
+        return rollout
+
+    gipo.register_generation_backend("test_shifted", shifted, "HF generate, log-probabilities off by one nat",
+                                     replace=True)
+    config = build_config(PPOConfig, {**TINY, "method": "grpo", "reward": "gold", "num_generations": 4,
+                                      "generation_backend": "test_shifted", "reuse_generation_logprobs": False,
+                                      "policy": str(tiny_pipeline["sft"] / "final")})
+    PPOTrainer(config, output_dir=tmp_path / "run").train()
+    row = _rows(tmp_path / "run")[-1]
+    assert row["rollout_correction/ratio_mean"] == pytest.approx(math.e, rel=1e-4)
+    assert row["rollout_correction/kl"] == pytest.approx(-1.0, abs=1e-4)
+    assert row["rollout_correction/clipped_share"] == 1.0  # every token's e clamped at 2
