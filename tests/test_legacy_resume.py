@@ -27,7 +27,7 @@ KEYS_ADDED_SINCE = ("prompt_sampling", "eval_samples", "eval_greedy", "eval_trai
                     "gdro_weight_cap", "gdro_score_by_share", "rollout_allocation", "rollout_min_generations",
                     "rollout_max_generations", "rollout_dual_step", "gdro_score", "rollout_correction",
                     "rollout_correction_max", "rollout_correction_min")
-METRICS_ADDED_SINCE = ("groups/surrogate_loss/", "groups/ratio_drift/", "groups/loss_kl/")
+METRICS_ADDED_SINCE = ("groups/surrogate_loss/", "groups/ratio_drift/", "groups/loss_kl/", "groups/score_observation/")
 # Each recorded run as today's code names its method (a preset whose mechanism moved keeps it under a new name).
 TODAY = {name: {**extra, "method": RENAMED_METHODS.get(extra["method"], (extra["method"],))[0]}
          for name, extra in RUNS.items()}
