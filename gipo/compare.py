@@ -377,7 +377,7 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
         sft_rows = _read_rows(sft_dir / "eval_rows.jsonl")
         for run in runs:
             run_dir = seed_dir / run.name
-            if (run_dir / "eval.json").exists() and run.method not in DPO_METHODS:
+            if (run_dir / "eval.json").exists() and run.method not in (*DPO_METHODS, START):
                 _check_finished_run(run_dir, run.method)
             if not (run_dir / "eval.json").exists():
                 if run.method in DPO_METHODS:
