@@ -2,7 +2,8 @@
 
     python docs/results/rlvr-gdro/analyze.py RUNS_DIR [OUT.json]
 
-RUNS_DIR is a compare's folder or its archive (seed-*/METHOD/metrics.jsonl[.gz]). For every method it averages
+RUNS_DIR is a compare's folder or its archive (seed-*/METHOD/metrics.jsonl[.gz]), finished runs only (an eval.json).
+For every run it reads the held-out figures; for every method it averages
 over seeds and iterations each domain's share of the samples and, where the run has bins, each bin's share,
 pass rate, Prompt-GDRO weight and Rollout-GDRO samples per prompt. For the runs with a bin score it correlates,
 over (iteration, bin) pairs, the score's observation x_b (the bin's surrogate loss over its share of the batch)
@@ -53,8 +54,8 @@ def summarize(runs: list[Path]) -> dict:
                 continue
             for key, value in row.items():
                 if key.startswith(("domain/share/", "groups/sample_share/", "groups/pass_rate/", "gdro/bin_weight/",
-                                   "rollouts/generations/")) and isinstance(value, float):
-                    group = key.rsplit("/", 1)[1]
+                                   "rollouts/generations/", "gdro/sample_weight_max")) and isinstance(value, float):
+                    group = key.rsplit("/", 1)[1] if key.count("/") > 1 else ""
                     share = row.get(f"groups/sample_share/{group}", 1.0)
                     if key.startswith(("groups/pass_rate/", "gdro/bin_weight/")) and not share:
                         continue  # a bin absent from the batch has no pass rate or weight
@@ -76,12 +77,28 @@ def summarize(runs: list[Path]) -> dict:
     return out
 
 
+def held_out(run: Path) -> dict[str, float] | None:
+    """The finished run's held-out gold and pass@1 per domain, their means over domains, and OOD gold."""
+    path = run / "eval.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    groups = report["groups"]
+    figures = {f"gold/{g}": v["gold"] for g, v in groups.items()}
+    figures.update({f"pass@1/{g}": v["pass@1"] for g, v in groups.items() if "pass@1" in v})
+    figures["mean_gold"] = sum(v["gold"] for v in groups.values()) / len(groups)
+    figures.update({f"ood_gold/{g}": v["gold"] for g, v in report.get("ood", {}).items()})
+    return figures
+
+
 def main(runs_dir: Path, out: Path) -> None:
     methods: dict[str, list[Path]] = defaultdict(list)
     for seed_dir in sorted(runs_dir.glob("seed-*")):
         for run in sorted(p for p in seed_dir.iterdir() if p.is_dir() and p.name not in ("sft", "rm", "start")):
-            methods[run.name].append(run)
-    report = {name: {"seeds": len(runs), **summarize(runs)} for name, runs in methods.items()}
+            if (run / "eval.json").exists():  # finished runs only
+                methods[run.name].append(run)
+    report = {name: {"seeds": [r.parent.name for r in runs], "held_out": {r.parent.name: held_out(r) for r in runs},
+                     **summarize(runs)} for name, runs in methods.items()}
     out.write_text(json.dumps(report, indent=1) + "\n")
     for name, entry in report.items():
         print(name, json.dumps(entry.get("score_observation_correlation", {})))
