@@ -424,6 +424,10 @@ class PPOConfig(RunConfig):
                                           min=2)
     rollout_max_generations: int = option(12, "rollout_gdro: the most samples a prompt gets (its largest arm).",
                                           min=2)
+    rollout_bandit_eta: float = option(0.05, "rollout_gdro: EXP3's step eta on a group's importance-weighted rewards "
+                                       "(its arm probabilities are softmax(eta S)).", min=0)
+    rollout_bandit_gamma: float = option(0.1, "rollout_gdro: EXP3's share of each group's arm probabilities mixed "
+                                         "in uniformly (exploration).", min=0, max=1)
     rollout_dual_step: float = option(0.05, "rollout_gdro: step of the shadow price mu on the budget, per unit of "
                                       "relative overspend.", min=0)
     pass_window: int = option(50, "pass_bins: a prompt's pass rate is the share of its last pass_window visits in "

@@ -76,19 +76,23 @@ class RolloutGDRO:
     number of samples its prompts get, arms ``rollout_min_generations`` .. ``rollout_max_generations``, under a
     mean budget of ``num_generations`` per prompt.
 
-    Each group's arm probabilities are p_g = (1 - gamma) softmax(eta S_g) + gamma / K (``gdro_eta``,
-    ``gdro_gamma``); a dynamic program picks the most likely joint choice that spends the batch exactly
-    (``exact_budget_choice``). After the update, the chosen arm's score gains the importance-weighted reward
-    (x_g - mu (n_g - n_bar) / n_bar) / p_g(n_g) (EXP3), x_g the group's score (``gdro_score``, as
-    Prompt-GDRO's). The shadow price mu moves by ``rollout_dual_step`` times the relative overspend of
-    arms drawn from the p_g themselves (the exact choice never overspends, so it could not move mu)."""
+    Each group's arm probabilities are p_g = (1 - gamma) softmax(eta S_g) + gamma / K (EXP3's
+    ``rollout_bandit_eta``, ``rollout_bandit_gamma``). Each group draws an arm by the Gumbel-max trick (log p_g plus
+    Gumbel noise, seeded by the step); a dynamic program then picks the joint choice that spends the batch
+    exactly and scores highest on those same perturbed log-probabilities (``exact_budget_choice``): the group's
+    own draw where the budget allows. A deterministic most-likely choice would reinforce whichever arm it picked
+    first whenever the rewards are positive. After the update, the chosen arm's score gains the
+    importance-weighted reward (x_g - mu (n_g - n_bar) / n_bar) / p_g(n_g), x_g the group's score (``gdro_score``,
+    as Prompt-GDRO's). The shadow price mu moves by ``rollout_dual_step`` times the relative overspend of the
+    unconstrained draws (the exact choice never overspends, so it could not move mu)."""
 
     needs_groups = True
 
     def __init__(self, config: Any, num_groups: int):
         self.arms = list(range(config.rollout_min_generations, config.rollout_max_generations + 1))
         self.mean, self.seed = config.num_generations, config.seed
-        self.eta, self.gamma, self.dual_step = config.gdro_eta, config.gdro_gamma, config.rollout_dual_step
+        self.eta, self.gamma = config.rollout_bandit_eta, config.rollout_bandit_gamma
+        self.dual_step = config.rollout_dual_step
         self.scores = torch.zeros(num_groups, len(self.arms), dtype=torch.float64)
         self.mu = 0.0
         self.chosen = torch.zeros(num_groups, dtype=torch.long)  # each group's arm in the last allocation
@@ -100,9 +104,11 @@ class RolloutGDRO:
     def allocate(self, groups: torch.Tensor, budget: int, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         probs = self.probabilities()
         counts = torch.bincount(groups, minlength=len(probs)).tolist()
-        self.chosen = torch.tensor(exact_budget_choice(probs.log(), counts, self.arms, budget))
         generator = torch.Generator().manual_seed(self.seed * 100_003 + step)
-        drawn = torch.tensor(self.arms)[torch.multinomial(probs.float(), 1, generator=generator).squeeze(1)]
+        uniform = torch.rand(probs.shape, generator=generator, dtype=probs.dtype).clamp(1e-12, 1 - 1e-12)
+        perturbed = probs.log() - torch.log(-torch.log(uniform))
+        self.chosen = torch.tensor(exact_budget_choice(perturbed, counts, self.arms, budget))
+        drawn = torch.tensor(self.arms)[perturbed.argmax(dim=1)]  # each group's own draw from p_g
         wanted = sum(c * int(n) for c, n in zip(counts, drawn, strict=True)) / max(1, sum(counts))
         self.mu = max(0.0, self.mu + self.dual_step * (wanted - self.mean) / self.mean)
         arms = torch.tensor(self.arms)[self.chosen]

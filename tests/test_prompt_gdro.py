@@ -194,7 +194,7 @@ def test_rollout_gdro_keeps_the_budget_and_rewards_the_chosen_arm():
     from gipo.rollout_allocation import RolloutGDRO
 
     config = SimpleNamespace(rollout_min_generations=2, rollout_max_generations=6, num_generations=4, seed=0,
-                             gdro_eta=0.65, gdro_gamma=0.01, rollout_dual_step=0.05)
+                             rollout_bandit_eta=0.05, rollout_bandit_gamma=0.1, rollout_dual_step=0.05)
     rule = RolloutGDRO(config, 2)
     groups = torch.tensor([0, 0, 1, 1, 1])
     sizes, metrics = rule.allocate(groups, 20, step=1)
@@ -218,7 +218,7 @@ def test_rollout_gdro_trains_with_unequal_samples_per_prompt(tiny_pipeline, tmp_
     trainer = PPOTrainer(config, output_dir=tmp_path / "run")
     # Two prompts in the hardest bin and two in the easiest, whose bandits lean to 2 and to 6 samples.
     trainer.groups.prompt_groups.pass_bins.bins = {0: 0, 1: 2, 2: 0, 3: 2}
-    trainer.groups.allocation.scores[0, 0] = trainer.groups.allocation.scores[2, 4] = 5.0
+    trainer.groups.allocation.scores[0, 0] = trainer.groups.allocation.scores[2, 4] = 400.0
     sizes_seen = []
     collect = trainer.collector.collect
 
@@ -256,3 +256,20 @@ def test_a_failure_rate_score_is_one_minus_the_bins_pass_rate(tiny_pipeline, tmp
         assert observed
         for g in observed:
             assert row[f"groups/score_observation/{g}"] == pytest.approx(1 - row[f"groups/pass_rate/{g}"])
+
+
+def test_rollout_gdro_explores_when_every_reward_is_positive():
+    """A failure-rate score is positive for every arm: the draws must still move between arms, not lock onto
+    the first one chosen."""
+    from gipo.rollout_allocation import RolloutGDRO
+
+    config = SimpleNamespace(rollout_min_generations=2, rollout_max_generations=6, num_generations=4, seed=0,
+                             rollout_bandit_eta=0.05, rollout_bandit_gamma=0.1, rollout_dual_step=0.05)
+    rule = RolloutGDRO(config, 2)
+    groups, chosen = torch.tensor([0, 0, 1, 1]), set()
+    for step in range(1, 30):
+        sizes, _ = rule.allocate(groups, 16, step)
+        assert int(sizes.sum()) == 16
+        chosen.add(int(sizes[0]))
+        rule.observe(torch.tensor([0.9, 0.1]), torch.tensor([True, True]))
+    assert len(chosen) > 2
