@@ -97,10 +97,9 @@ class GroupState:
 
     def generations(self, prompts: list[int], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """How many samples each of ``prompts`` gets (P,), as the rollout allocation rule sets them from the
-        prompts' groups (``num_generations`` each without prompt groups), and the rule's metrics."""
-        if not self.allocation.needs_groups:
-            return torch.full((len(prompts),), self.config.num_generations, dtype=torch.long), {}
-        groups = self.prompt_groups.assign(prompts).argmax(-1).cpu()
+        prompts' groups (a rule that reads none sees every prompt in group 0), and the rule's metrics."""
+        groups = (self.prompt_groups.assign(prompts).argmax(-1).cpu() if self.allocation.needs_groups
+                  else torch.zeros(len(prompts), dtype=torch.long))
         return self.allocation.allocate(groups, len(prompts) * self.config.num_generations, step)
 
     def label_indices(self, indices: list[int]) -> torch.Tensor:

@@ -204,7 +204,7 @@ class PPOTrainer(BaseTrainer):
     def _learn_groups(self, metrics: dict[str, float], group_totals: torch.Tensor) -> dict[str, float]:
         """The group state learns from the update (group DRO's weights, the advantage weighting's scores); the
         per-group surrogate loss, ratio drift and KL show what a loss-based group score tracks."""
-        mass, surrogate, drift, kl = group_totals.cpu()
+        mass, surrogate, drift, kl = self.reduce(group_totals).cpu()  # this process's sums, then all processes
         means = {name: total / mass.clamp(min=1e-8) for name, total in
                  (("surrogate_loss", surrogate), ("ratio_drift", drift), ("loss_kl", kl))}
         out = {f"groups/{name}/{g}": float(v) for name, values in means.items() for g, v in enumerate(values)}
@@ -263,7 +263,7 @@ class PPOTrainer(BaseTrainer):
             per_sample = [masked_mean(t.detach(), mask, dim=1) for t in (
                 surrogate_tokens, (policy_stats["ratio"] - 1).abs(),
                 kl_tokens if kl_tokens is not None else torch.zeros_like(surrogate_tokens))]
-            group_totals += self.reduce(torch.stack([assignment.sum(0), *(assignment.T @ v for v in per_sample)]))
+            group_totals += torch.stack([assignment.sum(0), *(assignment.T @ v for v in per_sample)])
             stats["groups/policy_loss_var"] = G.group_variance(
                 group_losses, G.group_masses(assignment, self.reduce), config.group_var).item()
         entropy_mean = masked_mean(entropy, mask, reduce=self.reduce)
