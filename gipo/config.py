@@ -286,6 +286,21 @@ class PPOConfig(RunConfig):
         "outside; none.", choices=ROLLOUT_CORRECTIONS)
     rollout_correction_max: float = option(2.0, "Upper bound of the rollout correction's ratio.", min=1)
     rollout_correction_min: float = option(0.0, "Lower bound of the rollout correction's ratio.", min=0, max=1)
+    vllm_gpu_memory_utilization: float = option(
+        0.3, "generation_backend=vllm on a GPU: the share of the GPU's memory the engine may take (weights and KV "
+        "cache), as vLLM's gpu_memory_utilization.", min=0, max=1, min_exclusive=True)
+    vllm_sleep: bool = option(
+        True, "generation_backend=vllm on a GPU: put the engine to sleep while the trainer trains (vLLM sleep mode, "
+        "level 2: weights and KV cache leave the GPU; woken and given the new weights before each sampling call).")
+    vllm_cpu_kv_cache_gb: float = option(
+        1.0, "generation_backend=vllm on a CPU: GiB of memory for the engine's KV cache (VLLM_CPU_KVCACHE_SPACE, "
+        "which wins where it is set).", min=0, min_exclusive=True)
+    vllm_enforce_eager: bool = option(
+        False, "generation_backend=vllm: run the engine eagerly, without torch.compile or CUDA graphs (starts in "
+        "seconds rather than minutes; decodes more slowly on a GPU).")
+    vllm_dtype: str = option(
+        "auto", "generation_backend=vllm: the engine's weight dtype (float32, bfloat16, float16); auto: the "
+        "policy's own.")
     sampling_draws: str = option(
         "inverse_cdf", "How the fast sampling loop draws each token from its probabilities: inverse_cdf (one uniform "
         "number per sample, looked up in the cumulative probabilities) or multinomial (torch.multinomial as HF "

@@ -32,7 +32,10 @@ def launched_with_several_processes() -> bool:
 
 
 def is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    """Several processes train together. (An engine in this process, such as vLLM's, may start a process
+    group of one: nothing to reduce over, and not gipo's to shut down.)"""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
 
 
 def world_size() -> int:

@@ -25,7 +25,14 @@ import torch
 
 from gipo.config import ConfigError, EvalConfig, read_yaml
 from gipo.data import encode_prompts, fit_to_length, load_prompts, pad_left
-from gipo.rollout import RewardScorer, SamplingSettings, decode_responses, generate, response_logprobs
+from gipo.rollout import (
+    RewardScorer,
+    SamplingSettings,
+    decode_responses,
+    engine_options,
+    generate,
+    response_logprobs,
+)
 from gipo.tasks import EXACT, PromptRecord, get_task, in_test_split
 
 
@@ -254,7 +261,8 @@ def evaluate_run(run_dir: str | Path, config: EvalConfig) -> dict[str, Any]:
                                 top_k=sampling("top_k", 0), top_p=sampling("top_p", 1.0),
                                 backend=run_config.get("generation_backend", "hf"),
                                 share_prompts=run_config.get("share_prompt_prefix", False),
-                                draws=run_config.get("sampling_draws", "multinomial"))
+                                draws=run_config.get("sampling_draws", "multinomial"),
+                                engine=engine_options(run_config))
     dataset = config.dataset or run_config.get("eval_dataset") or run_config["dataset"]
     report = evaluate_policy(policy, tokenizer, dataset,
                              n_per_group=config.eval_prompts, settings=settings, reference=reference, scorer=scorer,

@@ -45,6 +45,7 @@ from gipo.rl_models import make_critic, make_reference, prepare_policy
 from gipo.rollout import (
     SamplingSettings,
     critic_values,
+    engine_options,
     logprobs_and_values,
     response_logprobs,
     sampling_logprobs_reusable,
@@ -95,7 +96,8 @@ class PPOTrainer(BaseTrainer):
         self.kl_ctl = make_kl_controller(config.kl_coef, config.adaptive_kl, config.target_kl, config.kl_horizon)
         self.settings = SamplingSettings(config.max_new_tokens, config.temperature, config.top_k, config.top_p,
                                          config.stop_on_eos, backend=config.generation_backend,
-                                         share_prompts=config.share_prompt_prefix, draws=config.sampling_draws)
+                                         share_prompts=config.share_prompt_prefix, draws=config.sampling_draws,
+                                         engine=engine_options(vars(config)))
         reuse_logprobs = config.reuse_generation_logprobs and sampling_logprobs_reusable(
             self.policy, self.settings, isinstance(self.autocast(), contextlib.nullcontext))
         self.collector = ExperienceCollector(config, self.tokenizer, self.records, encoded,

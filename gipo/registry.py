@@ -66,35 +66,50 @@ class Registry(Generic[T]):
         self._about: dict[str, str] = {}
         self._from_python = from_python
         self._loaded: dict[str, T] = {}
+        self._lazy: dict[str, str] = {}
 
-    def register(self, name: str, entry: T, about: str = "", *, replace: bool = False) -> T:
+    def register_lazy(self, name: str, target: str, about: str = "") -> None:
+        """Register ``name`` as ``target`` ("package.module:attribute"), imported on first use: for an entry
+        whose module pulls in an optional dependency, so that choosing another entry never imports it."""
+        self._check_name(name, replace=False)
+        self._lazy[name] = target
+        self._about[name] = about
+
+    def _check_name(self, name: str, replace: bool) -> None:
         if not name or ":" in name or "," in name:
             raise ValueError(f"A {self.kind} name must be non-empty, without ':' or ',' (got {name!r}).")
-        if name in self._entries and not replace:
+        if name in self and not replace:
             raise ValueError(f"A {self.kind} named {name!r} is registered already; pass replace=True to replace it.")
+
+    def register(self, name: str, entry: T, about: str = "", *, replace: bool = False) -> T:
+        self._check_name(name, replace)
+        self._lazy.pop(name, None)
         self._entries[name] = entry
         self._about[name] = about
         return entry
 
     def get(self, name: str) -> T:
         """The entry registered as ``name``, or loaded from a ``python:`` spec; a ConfigError listing the names."""
+        if name in self._lazy:
+            module_name, _, attribute = self._lazy.pop(name).partition(":")
+            self._entries[name] = getattr(importlib.import_module(module_name), attribute)
         if name in self._entries:
             return self._entries[name]
         if self._from_python is not None and is_python_spec(name):
             if name not in self._loaded:
                 self._loaded[name] = self._from_python(name, load_python_object(name, self.kind))
             return self._loaded[name]
-        close = difflib.get_close_matches(name, self._entries, n=2)
+        close = difflib.get_close_matches(name, self._about, n=2)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
         python = " or python:MODULE:FUNCTION (MODULE a dotted name or a .py file)" if self._from_python else ""
         raise ConfigError(f"{self.key}={name!r} is not a registered {self.kind}.{hint} Registered: "
-                          f"{', '.join(self._entries)}{python}.")
+                          f"{', '.join(self._about)}{python}.")
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        return list(self._about)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._lazy
 
     def describe(self) -> str:
         """One line for ``--help`` and the docs: every name with what it does."""

