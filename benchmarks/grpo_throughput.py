@@ -53,6 +53,7 @@ operators of one iteration under the torch profiler (that iteration is left out 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -87,6 +88,7 @@ from benchmarks.ppo_throughput import (  # noqa: E402 - the project root must be
 )
 
 SIDES = ("trl", "gipo_grpo", "gipo_ppo")
+VLLM_SIDES = ("gipo_grpo", "gipo_vllm", "trl_vllm")  # with --vllm: gipo's sampler, gipo with vLLM, TRL with vLLM
 SETTINGS = {
     # ppo_throughput's 2-layer Llama (hidden 128, 1,000-token BPE, ~0.78M parameters), synthetic prompts.
     "tiny": {"prompts": 16, "generations": 8, "new_tokens": 32, "iterations": 20, "learning_rate": 1e-6,
@@ -100,6 +102,7 @@ SETTINGS = {
                   "prompt_tokens": "at most 128", "time_target": 0.5, "temperature": 0.7, "gold": True},
 }
 MEMORY_TARGET = 0.8
+VLLM_GPU_MEMORY_UTILIZATION = 0.3  # both sides' engine share of a GPU (unused on a CPU, where the KV cache is bounded)
 DEFAULT_REPEATS = 3
 CLIP, TEMPERATURE, MAX_GRAD_NORM = 0.2, 1.0, 1.0
 TARGET_LETTER = "e"
@@ -249,7 +252,7 @@ class Run:
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__}, **extra}
 
 
-def run_trl(spec: dict, profile: bool) -> dict:
+def run_trl(spec: dict, profile: bool, use_vllm: bool = False) -> dict:
     import torch
     import transformers
     import trl
@@ -271,7 +274,9 @@ def run_trl(spec: dict, profile: bool) -> dict:
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, beta=spec["beta"],
         epsilon=CLIP, loss_type="grpo", scale_rewards="group", mask_truncated_completions=False,
         use_bias_correction_kl=False, temperature=shape.get("temperature", TEMPERATURE), top_k=0, top_p=1.0, disable_dropout=True,
-        shuffle_dataset=False, use_vllm=False, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        shuffle_dataset=False, use_cpu=spec.get("device", "cpu") == "cpu", bf16=False, fp16=False,
+        gradient_checkpointing=False,
+        **(vllm_colocate(spec) if use_vllm else {"use_vllm": False}),
         report_to="none", save_strategy="no", logging_steps=10**6, log_completions=False, disable_tqdm=True,
         dataloader_num_workers=0, seed=spec["seed"])
     dataset = Dataset.from_dict({"prompt": spec["prompts"]})
@@ -343,7 +348,21 @@ def run_trl(spec: dict, profile: bool) -> dict:
     return run.result(threads, trl_tokenization_matches=all(same_ids), trl_version=trl.__version__)
 
 
-def run_gipo(spec: dict, method: str, profile: bool) -> dict:
+def vllm_colocate(spec: dict) -> dict:
+    """TRL's vLLM colocate mode on the same engine budget as gipo's (its importance-sampling correction, on by
+    default, as gipo's rollout correction)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{spec['vllm_kv_cache_gb']:g}")
+    return {"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": False,
+            "vllm_gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION, "vllm_tensor_parallel_size": 1,
+            "vllm_max_model_length": 128 + spec["setting"]["new_tokens"]}
+
+
+def gipo_vllm_settings(spec: dict) -> dict:
+    return {"generation_backend": "vllm", "vllm_cpu_kv_cache_gb": spec["vllm_kv_cache_gb"],
+            "vllm_gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION, "vllm_enforce_eager": spec["vllm_eager"]}
+
+
+def run_gipo(spec: dict, method: str, profile: bool, use_vllm: bool = False) -> dict:
     import torch
     import transformers
 
@@ -365,8 +384,10 @@ def run_gipo(spec: dict, method: str, profile: bool) -> dict:
         "temperature": shape.get("temperature", TEMPERATURE), "top_k": spec["vocab_size"], "top_p": 1.0, "stop_on_eos": True,
         "learning_rate": shape["learning_rate"], "weight_decay": 0.0, "warmup_steps": 0,
         "max_grad_norm": MAX_GRAD_NORM, "max_prompt_length": 128, "max_steps": spec["iterations"],
-        "eval_every": 0, "logging_steps": 10**6, "checkpoint_every": 10**6, "progress": False, "device": "cpu",
-        "seed": spec["seed"], **grpo, **spec.get("gipo_overrides", {}),
+        "eval_every": 0, "logging_steps": 10**6, "checkpoint_every": 10**6, "progress": False,
+        "device": spec.get("device", "cpu"),
+        "seed": spec["seed"], **grpo, **(gipo_vllm_settings(spec) if use_vllm else {}),
+        **spec.get("gipo_overrides", {}),
     }, source="grpo_throughput")
     records = [{"prompt": p, "group": "all"} for p in spec["prompts"]]
     trainer = PPOTrainer(config, prompts=records, output_dir=spec["run_dir"], overwrite=True,
@@ -413,8 +434,10 @@ def run_gipo(spec: dict, method: str, profile: bool) -> dict:
 
 def child_run(args) -> None:
     spec = json.loads(Path(args.spec).read_text())
-    if args.side == "trl":
-        result = run_trl(spec, args.profile)
+    if args.side.startswith("trl"):
+        result = run_trl(spec, args.profile, use_vllm=args.side == "trl_vllm")
+    elif args.side == "gipo_vllm":
+        result = run_gipo(spec, "grpo", args.profile, use_vllm=True)
     else:
         result = run_gipo(spec, args.side.removeprefix("gipo_"), args.profile)
     Path(args.out).write_text(json.dumps(result))
@@ -448,6 +471,8 @@ def summarize(runs: dict[str, list[dict]], name: str) -> dict:
     for side, results in runs.items():
         entry[side]["mean_response_tokens"] = statistics.mean(r["mean_length"] for r in results)
         entry[side]["start_mib"] = max(r["start_mib"] for r in results)  # imports and models, before training
+    if "gipo_vllm" in runs:
+        return summarize_vllm(runs, entry)
     pairs = {"grpo_vs_trl": paired_ratios(runs, "gipo_grpo", "trl", "median_s"),
              "memory_grpo_vs_trl": paired_ratios(runs, "gipo_grpo", "trl", "peak_mib")}
     if "gipo_ppo" in runs:
@@ -464,14 +489,35 @@ def summarize(runs: dict[str, list[dict]], name: str) -> dict:
     return entry
 
 
+def summarize_vllm(runs: dict[str, list[dict]], entry: dict) -> dict:
+    """gipo with vLLM against gipo's own sampler and against TRL with vLLM: paired time and memory ratios (no
+    targets: CPU figures say nothing of a GPU's)."""
+    pairs = {}
+    for name, side, base in (("vllm_vs_fast", "gipo_vllm", "gipo_grpo"), ("vllm_vs_trl_vllm", "gipo_vllm", "trl_vllm")):
+        if runs.get(base):
+            pairs[name] = paired_ratios(runs, side, base, "median_s")
+            pairs[f"memory_{name}"] = paired_ratios(runs, side, base, "peak_mib")
+    entry.update({f"ratio_{k}": statistics.median(v) for k, v in pairs.items()})
+    entry["paired_ratios"] = pairs
+    entry["trl_tokenization_matches"] = all(r["trl_tokenization_matches"] for r in runs.get("trl_vllm", []))
+    return entry
+
+
 def print_setting(key: str, spec: dict, runs: dict[str, list[dict]], entry: dict, args) -> None:
     s = spec["setting"]
     threads = sorted({r["threads"] for results in runs.values() for r in results})
     print(f"\n== {key}: {s['prompts']} prompts ({s['prompt_tokens']} tokens) x {s['generations']} generations, "
           f"{s['new_tokens']} new tokens (stop at EOS), one optimizer step per generation batch, "
-          f"{spec['iterations']} iterations x {len(runs['trl'])} repeat(s), torch threads {threads}")
+          f"{spec['iterations']} iterations x {len(next(iter(runs.values())))} repeat(s), torch threads {threads}")
     print_side_table(entry, runs, {"start MiB": "start_mib", "mean len": "mean_response_tokens"})
-    pairs, targets = entry["paired_ratios"], entry["targets"]
+    pairs = entry["paired_ratios"]
+    if "gipo_vllm" in runs:
+        for name, label in (("vllm_vs_fast", "gipo vLLM / gipo fast sampler"), ("vllm_vs_trl_vllm", "gipo vLLM / TRL vLLM")):
+            if name in pairs:
+                print(f"{label}   time {ratio_span(pairs[name])};  memory {ratio_span(pairs['memory_' + name])}"
+                      "   (paired by repeat; < 1: gipo with vLLM faster / smaller; CPU figures, not a GPU's)")
+        return
+    targets = entry["targets"]
     print(f"gipo grpo / TRL   time {ratio_span(pairs['grpo_vs_trl'])}  {verdict(entry['ratio_grpo_vs_trl'], targets['time'])}"
           f";  memory {ratio_span(pairs['memory_grpo_vs_trl'])}  "
           f"{verdict(entry['memory_ratio_grpo_vs_trl'], targets['memory'])}   (paired by repeat; < 1: gipo "
@@ -526,14 +572,16 @@ def benchmark(args) -> dict:
             if spec is None:
                 report["settings"][name] = {"skipped": True}
                 continue
-            sides = SIDES if name == "tiny" and args.critic_cost else SIDES[:2]
+            sides = VLLM_SIDES if args.vllm else SIDES if name == "tiny" and args.critic_cost else SIDES[:2]
+            spec.update(vllm_kv_cache_gb=args.vllm_kv_cache_gb, device=args.device)
             for beta in args.betas:
                 key = f"{name}/beta={beta:g}"
                 runs: dict[str, list[dict]] = {side: [] for side in sides}
                 repeats = args.repeats.get(name, DEFAULT_REPEATS)
                 for repeat, side in alternating(sides, repeats):
                     runs[side].append(run_side({**spec, "beta": beta}, side, f"{key} {repeat + 1}/{repeats}",
-                                               work / name, args, gipo_python(), script=__file__, child_args=[]))
+                                               work / name, args, sys.executable if args.vllm else gipo_python(),
+                                               script=__file__, child_args=[]))
                 entry = summarize(runs, name)
                 print_setting(key, spec, runs, entry, args)
                 entry.update(iterations=spec["iterations"], beta=beta, shape=spec["setting"],
@@ -583,14 +631,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="per-phase times, the floor, and the top operators of the last iteration")
     parser.add_argument("--no-critic-cost", dest="critic_cost", action="store_false",
                         help="skip the gipo method=ppo side on tiny (the cost of a critic)")
+    parser.add_argument("--vllm", action="store_true",
+                        help="instead of the sides above: gipo's sampler, gipo with generation_backend=vllm and "
+                        "TRL with vLLM colocate (run with a python that has vLLM: .venv-vllm/bin/python)")
+    parser.add_argument("--vllm-kv-cache-gb", type=float, default=1.0,
+                        help="with --vllm on a CPU: both engines' KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where both sides train and sample (cuda: benchmarks/gpu_check.sh); fp32 either way")
     add_run_arguments(parser, "--gipo-set generation_backend=hf")
     # Internal: what a child process does.
     parser.add_argument("--child", choices=("run",), help=argparse.SUPPRESS)
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=SIDES + VLLM_SIDES[1:], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     check_run_arguments(parser, args, SETTINGS)
+    if args.vllm and not args.child and importlib.util.find_spec("vllm") is None:
+        parser.error("--vllm runs every side with this python, which has no vLLM: use .venv-vllm/bin/python "
+                     "(`make test-vllm` builds it)")
     try:
         args.betas = [float(b) for b in args.betas.split(",") if b.strip()]
     except ValueError:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from gipo import distributed as dist
 from gipo.errors import ConfigError, ModelLoadError
 from gipo.rollout import Rollout, SamplingSettings, inner_model, response_mask_from_ids
 
@@ -145,6 +146,10 @@ class VLLMEngine:
     """One model's engine: sampling, weight pushes and (on a GPU) sleep between sampling calls."""
 
     def __init__(self, model, options: EngineOptions):
+        if dist.is_distributed():
+            raise ConfigError("generation_backend=vllm runs in one process: under several, each would need its own "
+                              "engine started through vLLM's external launcher, which gipo does not do yet "
+                              "(docs/vllm.md). Launch one process, or use the fast backend.")
         vllm = import_vllm()
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:

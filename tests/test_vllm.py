@@ -147,3 +147,13 @@ def test_a_model_vllm_cannot_serve_is_a_clear_error(tmp_path):
     settings = SamplingSettings(backend="vllm", engine={"enforce_eager": True, "max_model_len": 64})
     with pytest.raises(ModelLoadError, match=f"vLLM cannot serve the policy from {tmp_path / 'tiny'}"):
         generate(model, ids, mask, 2, 0, settings)
+
+
+def test_vllm_under_several_processes_is_refused(monkeypatch):
+    import gipo.distributed
+
+    monkeypatch.setattr(gipo.distributed, "is_distributed", lambda: True)
+    model = build_embedded_model(build_embedded_tokenizer())
+    ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ConfigError, match="runs in one process"):
+        generate(model, ids, mask, 2, 0, SamplingSettings(backend="vllm"))
