@@ -359,7 +359,7 @@ def vllm_colocate(spec: dict) -> dict:
 
 def gipo_vllm_settings(spec: dict) -> dict:
     return {"generation_backend": "vllm", "vllm_cpu_kv_cache_gb": spec["vllm_kv_cache_gb"],
-            "vllm_gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION, "vllm_enforce_eager": spec["vllm_eager"]}
+            "vllm_gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION}
 
 
 def run_gipo(spec: dict, method: str, profile: bool, use_vllm: bool = False) -> dict:
