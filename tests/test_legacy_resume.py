@@ -26,7 +26,8 @@ KEYS_ADDED_SINCE = ("prompt_sampling", "eval_samples", "eval_greedy", "eval_trai
                     "advantage_weighting", "pass_window", "pass_hysteresis", "gdro_eta", "gdro_ema_beta", "gdro_gamma",
                     "gdro_weight_cap", "gdro_score_by_share", "rollout_allocation", "rollout_min_generations",
                     "rollout_max_generations", "rollout_dual_step", "rollout_bandit_eta", "rollout_bandit_gamma", "gdro_score", "rollout_correction",
-                    "rollout_correction_max", "rollout_correction_min")
+                    "rollout_correction_max", "rollout_correction_min", "vllm_gpu_memory_utilization", "vllm_sleep",
+                    "vllm_cpu_kv_cache_gb", "vllm_enforce_eager", "vllm_dtype")
 METRICS_ADDED_SINCE = ("groups/surrogate_loss/", "groups/ratio_drift/", "groups/loss_kl/", "groups/score_observation/")
 # Each recorded run as today's code names its method (a preset whose mechanism moved keeps it under a new name).
 TODAY = {name: {**extra, "method": RENAMED_METHODS.get(extra["method"], (extra["method"],))[0]}
