@@ -47,6 +47,7 @@ from gipo.rollout import (
     critic_values,
     engine_options,
     logprobs_and_values,
+    release_engines,
     response_logprobs,
     sampling_logprobs_reusable,
 )
@@ -315,6 +316,9 @@ class PPOTrainer(BaseTrainer):
 
     def has_unused_parameters(self) -> bool:
         return self.config.groups != "inferred"  # only inferred groups train the critic's group head
+
+    def on_train_end(self) -> None:
+        release_engines()
 
     # --- evaluation and state -----------------------------------------------------------------------------
     def evaluate(self, n_per_group: int | None = None) -> dict[str, Any]:

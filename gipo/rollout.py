@@ -149,6 +149,21 @@ GENERATION_BACKENDS.register_lazy("vllm", "gipo.vllm_backend:generate_vllm",
 
 ENGINE_PREFIX = "vllm_"
 
+_ENGINE_RELEASERS: list[Callable[[], None]] = []
+
+
+def add_engine_releaser(release: Callable[[], None]) -> None:
+    """Have :func:`release_engines` call ``release()``, which frees what a backend keeps between sampling calls."""
+    _ENGINE_RELEASERS.append(release)
+
+
+def release_engines() -> None:
+    """Free the engines the generation backends hold (vLLM's: weights and KV cache); the next sampling call
+    builds its engine again. A trainer calls this when its run ends, so that runs one after another in a process
+    (``gipo compare``) do not each keep one."""
+    for release in _ENGINE_RELEASERS:
+        release()
+
 
 def engine_options(run: Mapping[str, Any]) -> dict[str, Any]:
     """A sampling engine's options from a run's config values: its ``vllm_*`` keys without the prefix, and the

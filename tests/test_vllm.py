@@ -7,11 +7,12 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from gipo import PPOConfig, PPOTrainer, build_config
+from gipo import PPOConfig, PPOTrainer, build_config, rollout
 from gipo.config import ConfigError
 from gipo.errors import ModelLoadError
 from gipo.lora import AdapterDisabledReference, apply_lora
@@ -19,6 +20,7 @@ from gipo.models import build_embedded_model, build_embedded_tokenizer
 from gipo.rollout import Rollout, SamplingSettings, engine_options, generate, response_logprobs
 from gipo.vllm_backend import EngineOptions, checkpoint_weights, engine_for
 from tests.conftest import QUIET
+from tests.test_distributed import _run
 from tests.test_real_data import needs_package
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -83,7 +85,7 @@ def test_vllm_without_the_extra_names_it():
         generate(model, ids, mask, 2, 0, SamplingSettings(backend="vllm"))
 
 
-def _grpo(run_dir, max_steps: int, **extra) -> PPOTrainer:
+def grpo_trainer(run_dir, max_steps: int, **extra) -> PPOTrainer:
     config = build_config(PPOConfig, {
         **QUIET, "method": "grpo", "policy": SMOLLM2, "dataset": "builtin", "reward": "gold", "max_steps": max_steps,
         "batch_size": 8, "num_generations": 4, "mini_batch_size": 8, "ppo_epochs": 1, "learning_rate": 1e-4,
@@ -92,7 +94,7 @@ def _grpo(run_dir, max_steps: int, **extra) -> PPOTrainer:
     return PPOTrainer(config, output_dir=run_dir)
 
 
-def _engine_and_trainer_logprobs(trainer: PPOTrainer, prompt: list[int], reply: list[int]
+def engine_and_trainer_logprobs(trainer: PPOTrainer, prompt: list[int], reply: list[int]
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``reply``'s log-probabilities after ``prompt``, under the engine (given the policy's current weights
     first, as before sampling) and under the trainer's policy."""
@@ -111,7 +113,7 @@ def _engine_and_trainer_logprobs(trainer: PPOTrainer, prompt: list[int], reply: 
 @needs_vllm
 @needs_package(SMOLLM2)
 def test_two_grpo_iterations_push_the_weights_into_the_engine(tmp_path):
-    trainer = _grpo(tmp_path / "run", 2)
+    trainer = grpo_trainer(tmp_path / "run", 2)
     initial = {name: p.detach().clone() for name, p in trainer.policy.named_parameters()}
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -119,21 +121,21 @@ def test_two_grpo_iterations_push_the_weights_into_the_engine(tmp_path):
     assert rows[1]["rollout_correction/kl"] < LOGPROB_TOLERANCE
     prompt = list(trainer.collector.encoded[0])
     reply = trainer.tokenizer(" The answer is 42.", add_special_tokens=False).input_ids
-    trained_engine, trained_policy = _engine_and_trainer_logprobs(trainer, prompt, reply)
+    trained_engine, trained_policy = engine_and_trainer_logprobs(trainer, prompt, reply)
     torch.testing.assert_close(trained_engine, trained_policy, rtol=0, atol=LOGPROB_TOLERANCE)
     with torch.no_grad():  # an in-place write (as loading a checkpoint does) reaches the engine too
         for name, parameter in trainer.policy.named_parameters():
             parameter.copy_(initial[name])
-    initial_engine, initial_policy = _engine_and_trainer_logprobs(trainer, prompt, reply)
+    initial_engine, initial_policy = engine_and_trainer_logprobs(trainer, prompt, reply)
     torch.testing.assert_close(initial_engine, initial_policy, rtol=0, atol=LOGPROB_TOLERANCE)
     assert (trained_engine - initial_engine).abs().max() > 10 * LOGPROB_TOLERANCE  # the weights really moved
 @needs_vllm
 @needs_package(SMOLLM2)
 def test_vllm_run_resumes_exactly(tmp_path):
-    straight = _grpo(tmp_path / "straight", 2).train()
-    _grpo(tmp_path / "split", 1).train()
-    resumed = _grpo(tmp_path / "split", 2).train(resume=True)
-    for a, b in zip(straight.policy.parameters(), resumed.policy.parameters(), strict=True):
+    straight = [p.detach().clone() for p in grpo_trainer(tmp_path / "straight", 2).train().policy.parameters()]
+    grpo_trainer(tmp_path / "split", 1).train()
+    resumed = grpo_trainer(tmp_path / "split", 2).train(resume=True)
+    for a, b in zip(straight, resumed.policy.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -149,11 +151,39 @@ def test_a_model_vllm_cannot_serve_is_a_clear_error(tmp_path):
         generate(model, ids, mask, 2, 0, settings)
 
 
-def test_vllm_under_several_processes_is_refused(monkeypatch):
+@needs_vllm
+@needs_package(SMOLLM2)
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_every_process_samples_with_its_own_engine_holding_the_new_weights(tmp_path, sharding):
+    _run([str(tmp_path), sharding], 2, entry=(str(Path(__file__).with_name("vllm_ranks.py")),))
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["rollout_correction/kl"] < LOGPROB_TOLERANCE
+    for rank in ranks:
+        assert rank["world_size"] == 2
+        trained_engine, trained_policy = torch.tensor(rank["trained_engine"]), torch.tensor(rank["trained_policy"])
+        torch.testing.assert_close(trained_engine, trained_policy, rtol=0, atol=LOGPROB_TOLERANCE)
+        assert (trained_engine - torch.tensor(rank["initial_engine"])).abs().max() > 10 * LOGPROB_TOLERANCE
+
+
+def test_vllm_under_several_processes_needs_torchruns_variables(monkeypatch):
     import gipo.distributed
 
     monkeypatch.setattr(gipo.distributed, "is_distributed", lambda: True)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
     model = build_embedded_model(build_embedded_tokenizer())
     ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
-    with pytest.raises(ConfigError, match="runs in one process"):
+    with pytest.raises(ConfigError, match="MASTER_PORT.*accelerate launch or torchrun"):
         generate(model, ids, mask, 2, 0, SamplingSettings(backend="vllm"))
+
+
+def test_a_run_frees_the_backends_engines_when_it_ends(tiny_pipeline, tmp_path, monkeypatch):
+    released = []
+    monkeypatch.setattr(rollout, "_ENGINE_RELEASERS", [])
+    rollout.add_engine_releaser(lambda: released.append(True))
+    config = build_config(PPOConfig, {**QUIET, "method": "grpo", "policy": str(tiny_pipeline["sft"] / "final"),
+                                      "reward": "gold", "max_steps": 1, "batch_size": 8,
+                                      "num_generations": 4, "mini_batch_size": 8, "max_new_tokens": 4,
+                                      "eval_every": 0})
+    PPOTrainer(config, output_dir=tmp_path / "run").train()
+    assert released == [True]

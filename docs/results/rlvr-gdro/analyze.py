@@ -50,8 +50,8 @@ def summarize(runs: list[Path]) -> dict:
     pairs: dict[str, list[float]] = defaultdict(list)
     for run in runs:
         for row in read_rows(run):
-            if "step" not in row or "loss/policy_avg" not in row:
-                continue
+            if "step" not in row or not any(key.startswith("domain/share/") for key in row):
+                continue  # not a training iteration (an archive keeps only a few keys of each row)
             for key, value in row.items():
                 if key.startswith(("domain/share/", "groups/sample_share/", "groups/pass_rate/", "gdro/bin_weight/",
                                    "rollouts/generations/", "gdro/sample_weight_max")) and isinstance(value, float):
