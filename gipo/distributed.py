@@ -135,7 +135,7 @@ def is_deepspeed_engine(model: Any) -> bool:
     return type(model).__name__ == "DeepSpeedEngine"
 
 
-def _zero3_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+def zero3_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters ZeRO-3 has partitioned across processes (none for other models)."""
     return [p for p in model.parameters() if hasattr(p, "ds_status")]
 
@@ -164,7 +164,7 @@ def is_sharded(model: Any) -> bool:
     run each of its forwards together."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule) or (isinstance(model, torch.nn.Module) and bool(_zero3_parameters(model)))
+    return isinstance(model, FSDPModule) or (isinstance(model, torch.nn.Module) and bool(zero3_parameters(model)))
 
 
 def _full_options():
@@ -177,7 +177,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A sharded model's full state dict on the main process ({} elsewhere); every process must call it."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    partitioned = _zero3_parameters(model)
+    partitioned = zero3_parameters(model)
     if partitioned:
         import deepspeed
 
@@ -197,7 +197,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a full state dict (the same on every process); a sharded model keeps its shards of it."""
-    partitioned = _zero3_parameters(model)
+    partitioned = zero3_parameters(model)
     if partitioned:
         import deepspeed
 

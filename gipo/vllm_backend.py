@@ -104,7 +104,7 @@ def _check_launch(model) -> None:
     if missing:
         raise ConfigError(f"generation_backend=vllm under several processes needs torchrun's variables "
                           f"({', '.join(missing)} unset): start the run with accelerate launch or torchrun")
-    if any(hasattr(parameter, "ds_status") for parameter in model.parameters()):
+    if dist.zero3_parameters(model):
         raise ConfigError("generation_backend=vllm cannot take weights partitioned by DeepSpeed ZeRO-3: use "
                           "ZeRO-1 or 2, DDP, or FSDP (--set fsdp=true), whose shards it gathers (docs/vllm.md)")
 
@@ -196,8 +196,8 @@ class VLLMEngine:
     """One model's engine: sampling, weight pushes and (on a GPU) sleep between sampling calls."""
 
     def __init__(self, model, options: EngineOptions):
-        self.together = dist.is_distributed()
-        if self.together:
+        together = dist.is_distributed()
+        if together:
             _check_launch(model)
         vllm = import_vllm()
         self.on_gpu = torch.cuda.is_available()
@@ -209,7 +209,7 @@ class VLLMEngine:
             model=self.folder, dtype=_engine_dtype(model, options), skip_tokenizer_init=True, seed=0,
             enable_prefix_caching=True, logprobs_mode="processed_logprobs", max_model_len=options.max_model_len,
             enforce_eager=options.enforce_eager, tensor_parallel_size=1)
-        if self.together:  # one engine per process, each on its own share of the prompts (TRL's colocate mode)
+        if together:  # one engine per process, each on its own share of the prompts (TRL's colocate mode)
             engine_args.update(distributed_executor_backend="external_launcher", seed=dist.rank())
         if self.on_gpu:
             engine_args.update(gpu_memory_utilization=options.gpu_memory_utilization, enable_sleep_mode=self.sleeps)
