@@ -198,6 +198,10 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
                            "head places every prompt, seen or not, from its hidden state)", "estimator": "grpo",
                            "groups": "inferred", "group_objective": "none", "group_kl": False, "group_var": "mass",
                            "prompt_sampling": "group_weights"},
+    "grpo_oracle_sampling": {"_about": "GRPO whose batches are filled by the data's labelled groups' sampling "
+                             "weights (the oracle-group baseline of grpo_gipo_sampling)", "estimator": "grpo",
+                             "groups": "oracle", "group_objective": "none", "group_kl": False,
+                             "prompt_sampling": "group_weights"},
     "grpo_oracle_dro": {"_about": "GRPO with group DRO on the data's labels", "estimator": "grpo",
                         "groups": "oracle", "group_objective": "dro", "group_kl": False, "prompt_sampling": "uniform"},
     "custom": {"_about": "no preset: set the group keys and the estimator yourself"},

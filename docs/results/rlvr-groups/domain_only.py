@@ -4,9 +4,13 @@
 # Run from the repository root, after the compare has trained each seed's SFT model:
 #   python docs/results/rlvr-groups/domain_only.py runs/rlvr-swap builtin_swap swap 0 1 2
 #   python docs/results/rlvr-groups/domain_only.py runs/rlvr-swap builtin_swap add 0 1 2
+# KEY=VALUE arguments after the seeds set the runs' other PPO keys, as the compare's --set ppo.KEY=VALUE did:
+#   python docs/results/rlvr-groups/domain_only.py runs/rlvr-gdro builtin add 0 1 2 3 4 train_prompts_per_group=64
 import json
 import sys
 from pathlib import Path
+
+import yaml
 
 from gipo import PPOConfig, PPOTrainer
 from gipo.compare import pass_rates
@@ -15,7 +19,9 @@ from gipo.evaluation import evaluate_run
 from gipo.tasks import Task, get_task, register_task
 from gipo.tracking import read_text_or_gzip
 
-out, suite_name, domain, seeds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], list(map(int, sys.argv[4:]))
+out, suite_name, domain = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+seeds = [int(a) for a in sys.argv[4:] if "=" not in a]
+overrides = {key: yaml.safe_load(value) for key, value in (a.split("=", 1) for a in sys.argv[4:] if "=" in a)}
 suite = get_task(suite_name)
 only = register_task(Task(name=f"{suite_name}_{domain}_only", groups=[domain],
                           make_split=lambda split, n, rng: [r for r in suite.make_split(split, n, rng)
@@ -26,7 +32,8 @@ for seed in seeds:
     if not (run_dir / "eval.json").exists():
         config = build_config(PPOConfig, {"method": "grpo", "reward": "gold", "dataset": only.name,
                                           "max_steps": 480, "eval_every": 40, "progress": False,
-                                          "seed": seed, "policy": str(out / f"seed-{seed}" / "sft" / "final")})
+                                          "seed": seed, "policy": str(out / f"seed-{seed}" / "sft" / "final"),
+                                          **overrides})
         PPOTrainer(config, output_dir=run_dir, overwrite=True).train()
         evaluate_run(run_dir, EvalConfig(dataset=suite_name))
     only_run, mixed_run = run_dir, out / f"seed-{seed}" / "grpo"
