@@ -431,13 +431,14 @@ def run_compare(out: str | Path, methods: list[str], seeds: int, overrides: dict
 ARCHIVED = ("config.yaml", "environment.json", "eval.json", "eval_rows.jsonl", "metrics.jsonl")
 """What a compare reports from, per run: kept by :func:`archive_results`, the two ``.jsonl`` compressed."""
 
-REPORTED_METRICS = ("eval/", "groups/nmi", "domain/share/", "groups/sample_share/", "groups/sampling_weight/",
-                    "groups/pass_rate/", "gdro/", "rollouts/", "groups/surrogate_loss/", "groups/ratio_drift/",
-                    "groups/loss_kl/")
+REPORTED_METRICS = ("eval/", "groups/nmi", "domain/share/", "domain/gold/", "groups/sample_share/",
+                    "groups/sampling_weight/", "groups/pass_rate/", "gdro/", "rollouts/", "groups/surrogate_loss/",
+                    "groups/ratio_drift/", "groups/loss_kl/")
 """The metric keys a report reads (held-out curves, the groups' NMI) and those that show where the group methods
-moved the batches and what drove them (each domain's and each group's share, the groups' sampling weights and
-pass rates, Prompt-GDRO's bin weights and scores, Rollout-GDRO's samples per prompt, and what a bin score
-observes): all an archive keeps of metrics.jsonl."""
+moved the batches and what drove them (each domain's and each group's share, each domain's gold reward on the
+training samples beside its held-out one, the groups' sampling weights and pass rates, Prompt-GDRO's bin weights
+and scores, Rollout-GDRO's samples per prompt, and what a bin score observes): all an archive keeps of
+metrics.jsonl."""
 
 
 def reported_metrics(text: str) -> str:

@@ -5,7 +5,9 @@
 RUNS_DIR is a compare's folder or its archive (seed-*/METHOD/metrics.jsonl[.gz]), finished runs only (an eval.json).
 For every run it reads the held-out figures; for every method it averages
 over seeds and iterations each domain's share of the samples and, where the run has bins, each bin's share,
-pass rate, Prompt-GDRO weight and Rollout-GDRO samples per prompt. For the runs with a bin score it correlates,
+pass rate, Prompt-GDRO weight and Rollout-GDRO samples per prompt, and each domain's gold reward on its training
+samples over the last tenth of the iterations (``train_gold_late``: far above the held-out gold, the run has learnt
+its training prompts rather than the domain). For the runs with a bin score it correlates,
 over (iteration, bin) pairs, the score's observation x_b (the bin's surrogate loss over its share of the batch)
 with the bin's ratio drift, KL and pass rate. Writes OUT.json (default: analysis.json beside this script).
 """
@@ -45,11 +47,33 @@ def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+LATE = 0.1
+"""The share of a run's last iterations whose training gold is averaged (``train_gold_late``)."""
+
+
+def late_training_gold(rows: list[dict]) -> dict[str, float]:
+    """Each domain's gold reward on the training samples, averaged over the last ``LATE`` of the iterations."""
+    steps = [row["step"] for row in rows if any(key.startswith("domain/gold/") for key in row)]
+    if not steps:
+        return {}
+    start = max(steps) - LATE * max(steps)
+    values: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        if row.get("step", -1) > start:
+            for key, value in row.items():
+                if key.startswith("domain/gold/"):
+                    values[f"train_gold_late/{key.rsplit('/', 1)[1]}"].append(value)
+    return {key: mean(v) for key, v in sorted(values.items())}
+
+
 def summarize(runs: list[Path]) -> dict:
     per_key: dict[str, list[float]] = defaultdict(list)
     pairs: dict[str, list[float]] = defaultdict(list)
     for run in runs:
-        for row in read_rows(run):
+        rows = read_rows(run)
+        for key, value in late_training_gold(rows).items():
+            per_key[key].append(value)
+        for row in rows:
             if "step" not in row or not any(key.startswith("domain/share/") for key in row):
                 continue  # not a training iteration (an archive keeps only a few keys of each row)
             for key, value in row.items():
