@@ -1,6 +1,9 @@
 """Paired per-seed differences of held-out pass@1 against a base method: each task, mean, worst task, OOD mean.
 
     python docs/results/reasoning/paired.py RUNS_DIR BASE_METHOD METHOD [METHOD ...]
+
+The compare report pairs every method with the first run (the start model when ``ppo.policy`` is given); this
+pairs them with BASE_METHOD instead, from the same ``eval.json`` files.
 """
 import json
 import sys
@@ -8,28 +11,37 @@ from pathlib import Path
 
 from gipo.compare import mean_ci
 
-out, base, *methods = sys.argv[1:]
-seeds = sorted(int(p.name.split("-")[1]) for p in Path(out).glob("seed-*"))
-def load(s, m):
-    p = Path(out) / f"seed-{s}" / m / "eval.json"
-    return json.loads(p.read_text()) if p.exists() else None
-for m in methods:
-    rows = {}
-    for s in seeds:
-        b, e = load(s, base), load(s, m)
-        if not b or not e:
+
+def pass_rates(run: Path) -> tuple[dict[str, float], float] | None:
+    """Each task's held-out pass@1 and the OOD splits' mean, or None for a run not evaluated."""
+    path = run / "eval.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    ood = [split["pass@1"] for split in result["ood"].values()]
+    return {task: group["pass@1"] for task, group in result["groups"].items()}, sum(ood) / len(ood)
+
+
+def differences(base: tuple[dict[str, float], float], other: tuple[dict[str, float], float]) -> dict[str, float]:
+    (base_tasks, base_ood), (tasks, ood) = base, other
+    diff = {task: tasks[task] - base_tasks[task] for task in base_tasks}
+    diff["mean"] = sum(tasks.values()) / len(tasks) - sum(base_tasks.values()) / len(base_tasks)
+    diff["worst"] = min(tasks.values()) - min(base_tasks.values())
+    diff["ood_mean"] = ood - base_ood
+    return diff
+
+
+out, base_method, *methods = sys.argv[1:]
+seed_dirs = sorted(Path(out).glob("seed-*"), key=lambda d: int(d.name.split("-")[1]))
+for method in methods:
+    per_key: dict[str, list[float]] = {}
+    for seed_dir in seed_dirs:
+        base, other = pass_rates(seed_dir / base_method), pass_rates(seed_dir / method)
+        if base is None or other is None:
             continue
-        tb = {k: v["pass@1"] for k, v in b["groups"].items()}
-        te = {k: v["pass@1"] for k, v in e["groups"].items()}
-        ob = sum(v["pass@1"] for v in b["ood"].values()) / len(b["ood"])
-        oe = sum(v["pass@1"] for v in e["ood"].values()) / len(e["ood"])
-        d = {k: te[k] - tb[k] for k in tb}
-        d["mean"] = sum(te.values()) / len(te) - sum(tb.values()) / len(tb)
-        d["worst"] = min(te.values()) - min(tb.values())
-        d["ood_mean"] = oe - ob
-        print(f"{m} seed {s}: base {tb} worst {min(tb, key=tb.get)}; method {te}; diffs " +
-              ", ".join(f"{k} {v:+.3f}" for k, v in d.items()))
-        for k, v in d.items():
-            rows.setdefault(k, []).append(v)
-    for k, v in rows.items():
-        print(f"  {m} {k}: n={len(v)} {mean_ci(v)}")
+        diff = differences(base, other)
+        print(f"{method} {seed_dir.name}: " + ", ".join(f"{k} {v:+.3f}" for k, v in diff.items()))
+        for key, value in diff.items():
+            per_key.setdefault(key, []).append(value)
+    for key, values in per_key.items():
+        print(f"  {method} {key}: n={len(values)} {mean_ci(values)}")
